@@ -1,0 +1,116 @@
+"""The common shell of every constructed operation: an encoder, a layout, constructor arguments.
+
+An operation's ``__init__`` only builds weights (through ``usim.construct.Builder``); its forward
+is pack -> ``Encoder`` -> unpack, plus input checks. ``usim.load`` rebuilds an operation from its
+checkpoint with ``from_parts``, without running the constructor again.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from usim.engine import Encoder
+from usim.layout import Layout
+
+# kind name -> class, filled by ``register``; used by usim.load.
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls):
+    REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def check_size(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class Construction(nn.Module):
+    """Base class: holds ``encoder`` and ``layout``; subclasses build them in ``__init__``."""
+
+    def __init__(self, encoder: Encoder, layout: Layout, args: dict):
+        super().__init__()
+        if encoder.length != layout.length:
+            raise ValueError(f"encoder length {encoder.length} != layout length {layout.length}")
+        self.encoder = encoder
+        self.layout = layout
+        self.args = dict(args)
+
+    @classmethod
+    def from_parts(cls, encoder: Encoder, layout: Layout, args: dict):
+        module = cls.__new__(cls)
+        Construction.__init__(module, encoder, layout, args)
+        return module
+
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    @property
+    def depth(self) -> int:
+        """Number of encoder layers."""
+        return self.encoder.depth
+
+    @property
+    def width(self) -> int:
+        """Most heads in one layer."""
+        return self.encoder.width
+
+    def run(self, *arrays: torch.Tensor, finite: bool = True):
+        """pack -> encoder -> unpack, with the batch shape of the inputs restored."""
+        batch_shape = self.layout.batch_shape(*arrays)
+        if finite:
+            for block, a in zip(self.layout.inputs, arrays):
+                if not torch.isfinite(a).all():
+                    raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
+        return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
+
+    def describe(self) -> str:
+        return describe(self.encoder, title=f"{self.kind}({', '.join(f'{k}={v}' for k, v in self.args.items())})")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.args.items()) + f", depth={self.depth}, width={self.width}"
+
+
+def _slots_touched(encoder: Encoder, columns: list[torch.Tensor]) -> list[str]:
+    used = torch.zeros(encoder.stream_width, dtype=torch.bool)
+    for c in columns:
+        used |= (c.reshape(-1, c.shape[-1]) != 0).any(0).cpu()
+    return [s for s, u in zip(encoder.slots, used) if u]
+
+
+def layer_specs(encoder: Encoder) -> list[dict]:
+    """Per layer: heads, tiers, FFN activation and hidden size, slots read and written."""
+    specs = []
+    for layer in encoder.layers:
+        reads, writes = [], []
+        spec = {"heads": 0, "tiers": 0, "activation": None, "hidden": 0}
+        if layer.attn is not None:
+            a = layer.attn
+            spec.update(heads=a.heads, tiers=a.tiers, d_k=a.query.shape[2], d_v=a.value.shape[1])
+            reads += [a.query, a.key, a.value]
+            writes.append(a.output.transpose(-1, -2))
+        if layer.ffn is not None:
+            f = layer.ffn
+            spec.update(activation=f.activation, hidden=f.hidden)
+            reads.append(f.w_in)
+            writes += [f.w_out.T, f.b_out[None]]
+        spec["reads"] = _slots_touched(encoder, reads)
+        spec["writes"] = _slots_touched(encoder, writes)
+        specs.append(spec)
+    return specs
+
+
+def describe(encoder: Encoder, title: str = "Encoder") -> str:
+    rows = [f"{title}: depth {encoder.depth}, width {encoder.width}, stream {encoder.stream_width} slots, "
+            f"L = {encoder.length}",
+            f"{'layer':>5}  {'heads':>5}  {'tiers':>5}  {'ffn':<10}  {'hidden':>6}  reads -> writes"]
+    for i, s in enumerate(layer_specs(encoder)):
+        rows.append(f"{i:>5}  {s['heads']:>5}  {s['tiers']:>5}  {str(s['activation'] or '-'):<10}  "
+                    f"{s['hidden']:>6}  {','.join(s['reads'])} -> {','.join(s['writes'])}")
+    return "\n".join(rows)
