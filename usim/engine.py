@@ -33,7 +33,8 @@ class HardAttention(nn.Module):
     """H average-hard heads with T score tiers each.
 
     Buffers: query, key (H, T, d_k, W); value (H, d_v, W); output (H, W, d_v).
-    ``hook_pattern`` sees the (B, H, L, L) attention weights (identity hook, opt-in).
+    ``hook_pattern`` sees the (B, H, L, L) attention weights (an identity module: register a forward
+    hook on it to read them).
     """
 
     def __init__(self, query, key, value, output):
@@ -59,8 +60,8 @@ class HardAttention(nn.Module):
     def tiers(self) -> int:
         return self.query.shape[1]
 
-    def pattern(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, L, L) average-hard attention weights; rows sum to 1."""
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, L, L) bool: the keys each query keeps (lexicographic maximum over the tiers)."""
         q = einsum(x, _cast(self.query, x), "b l w, h t k w -> b h t l k")
         k = einsum(x, _cast(self.key, x), "b l w, h t k w -> b h t l k")
         scores = q @ k.transpose(-1, -2)  # (B, H, T, L, L)
@@ -68,13 +69,16 @@ class HardAttention(nn.Module):
         for t in range(scores.shape[2]):
             s = scores[:, :, t].masked_fill(~keep, float("-inf"))
             keep = keep & (s == s.amax(dim=-1, keepdim=True))
-        # Averaging as sum / count: one division, exact for moves (count 1) and equal ties.
-        return keep.to(x.dtype) / keep.sum(dim=-1, keepdim=True).to(x.dtype)
+        return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = self.hook_pattern(self.pattern(x))
+        keep = self.select(x).to(x.dtype)
+        count = keep.sum(dim=-1, keepdim=True)
+        if self.hook_pattern._forward_hooks:  # the weights are only materialised when observed
+            self.hook_pattern(keep / count)
         v = einsum(x, _cast(self.value, x), "b l w, h v w -> b h l v")
-        mixed = weights @ v  # (B, H, L, d_v)
+        # Average as (sum of kept values) / count: exact for moves (count 1) and for equal ties.
+        mixed = (keep @ v) / count  # (B, H, L, d_v)
         return einsum(mixed, _cast(self.output, x), "b h l v, h w v -> b l w")
 
 

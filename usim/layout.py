@@ -144,16 +144,18 @@ class Layout:
         except RuntimeError:
             raise ValueError(f"batch shapes do not broadcast: {[tuple(s) for s in batch_shapes]}") from None
 
-    def unpack(self, seq: torch.Tensor, batch_shape=None):
+    def unpack(self, seq: torch.Tensor, batch_shape=None, blocks=None):
         """(B, L) or (L,) sequence -> the output block(s), shaped batch_shape + block shape.
 
-        With one output block the tensor is returned, else a tuple in layout order."""
+        ``blocks`` names the blocks to read (default: the output blocks). With one block the tensor
+        is returned, else a tuple in layout order."""
         if seq.shape[-1] != self.length:
             raise ValueError(f"sequence length {seq.shape[-1]} != layout length {self.length}")
         if batch_shape is None:
             batch_shape = seq.shape[:-1]
         results = []
-        for b in self.outputs:
+        chosen = self.outputs if blocks is None else [self[name] for name in blocks]
+        for b in chosen:
             flat = seq[..., self.offsets[b.name]: self.offsets[b.name] + b.size]
             results.append(flat.reshape(*batch_shape, *b.shape))
         return results[0] if len(results) == 1 else tuple(results)
