@@ -145,3 +145,27 @@ def test_cuda_matches_cpu(seed):
     encoder.readout[:] = encoder.slots.index("prev")
     seq = torch.randn(3, 6)
     assert torch.equal(encoder.cuda()(seq.cuda()).cpu(), encoder.cpu()(seq)), seed
+
+
+def test_parallel_branches_merge_layers(seed):
+    b = sequence_builder(5)
+    for name in ("prev", "sq", "r"):
+        b.slot(name)
+
+    def previous():
+        b.layer([Head([match({"pos": {"pos": 1, "one": -1}})], [("value", "prev")])],
+                FFN("bilinear", [Unit("prev", "sq", gate="prev")]))
+
+    def rectify():
+        b.layer(ffn=FFN("relu", [Unit("value", "r")]))
+        b.layer(ffn=FFN("identity", [Unit("r", "r")]))  # r doubled
+
+    b.parallel(previous, rectify)
+    encoder = b.build()
+    # layer 0: the head + bilinear FFN, then relu as its own FFN-only layer; layer 1: identity.
+    assert [(l.attn is not None, l.ffn.activation) for l in encoder.layers] == [
+        (True, "bilinear"), (False, "relu"), (False, "identity")]
+    seq = torch.randn(3, 5)
+    for slot, expected in (("sq", seq[:, :-1] ** 2), ("r", 2 * torch.relu(seq[:, 1:]))):
+        encoder.readout[:] = encoder.slots.index(slot)
+        assert torch.equal(encoder(seq)[:, 1:], expected), seed

@@ -89,6 +89,14 @@ class FFN:
     bias_out: dict = field(default_factory=dict)
 
 
+def _sum_dicts(dicts) -> dict:
+    total: dict[str, float] = {}
+    for d in dicts:
+        for k, v in d.items():
+            total[k] = total.get(k, 0.0) + v
+    return total
+
+
 class Builder:
     def __init__(self, layout: Layout):
         self.layout = layout
@@ -138,6 +146,31 @@ class Builder:
         if ffn is not None and ffn.activation not in ACTIVATIONS:
             raise ValueError(f"activation {ffn.activation!r} is not one of {ACTIVATIONS}")
         self.layers.append((heads, ffn))
+
+    def parallel(self, *branches) -> None:
+        """Run constructions side by side: layer i of every branch becomes one layer.
+
+        Each branch is a callable that appends layers to this builder. The branches must write
+        disjoint slots. FFNs with the same activation merge (units concatenated); a branch whose FFN
+        activation differs gets an FFN-only layer right after, which keeps every branch's order."""
+        stacks = []
+        for branch in branches:
+            before = len(self.layers)
+            branch()
+            stacks.append(self.layers[before:])
+            del self.layers[before:]
+        for i in range(max((len(s) for s in stacks), default=0)):
+            heads, ffns = [], {}
+            for stack in stacks:
+                if i < len(stack):
+                    heads += stack[i][0]
+                    if stack[i][1] is not None:
+                        ffns.setdefault(stack[i][1].activation, []).append(stack[i][1])
+            merged = [FFN(act, [u for f in fs for u in f.units], _sum_dicts([f.bias_out for f in fs]))
+                      for act, fs in ffns.items()]
+            self.layer(heads, merged[0] if merged else None)
+            for ffn in merged[1:]:
+                self.layer(ffn=ffn)
 
     def result(self, block: str, slot: str) -> None:
         """Read ``slot`` at the positions of output block ``block``."""

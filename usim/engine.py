@@ -60,26 +60,33 @@ class HardAttention(nn.Module):
     def tiers(self) -> int:
         return self.query.shape[1]
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, L, L) bool: the keys each query keeps (lexicographic maximum over the tiers)."""
-        q = einsum(x, _cast(self.query, x), "b l w, h t k w -> b h t l k")
-        k = einsum(x, _cast(self.key, x), "b l w, h t k w -> b h t l k")
-        scores = q @ k.transpose(-1, -2)  # (B, H, T, L, L)
-        keep = torch.ones_like(scores[:, :, 0], dtype=torch.bool)
-        for t in range(scores.shape[2]):
-            s = scores[:, :, t].masked_fill(~keep, float("-inf"))
+    def select(self, x: torch.Tensor, head: int) -> torch.Tensor:
+        """(B, L, L) bool: the keys each query of one head keeps (lexicographic max over the tiers)."""
+        q = einsum(x, _cast(self.query[head], x), "b l w, t k w -> b t l k")
+        k = einsum(x, _cast(self.key[head], x), "b l w, t k w -> b t l k")
+        scores = q @ k.transpose(-1, -2)  # (B, T, L, L)
+        keep = torch.ones_like(scores[:, 0], dtype=torch.bool)
+        for t in range(scores.shape[1]):
+            s = scores[:, t].masked_fill(~keep, float("-inf"))
             keep = keep & (s == s.amax(dim=-1, keepdim=True))
         return keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.select(x).to(x.dtype)
-        count = keep.sum(dim=-1, keepdim=True)
-        if self.hook_pattern._forward_hooks:  # the weights are only materialised when observed
-            self.hook_pattern(keep / count)
-        v = einsum(x, _cast(self.value, x), "b l w, h v w -> b h l v")
-        # Average as (sum of kept values) / count: exact for moves (count 1) and for equal ties.
-        mixed = (keep @ v) / count  # (B, H, L, d_v)
-        return einsum(mixed, _cast(self.output, x), "b h l v, h w v -> b l w")
+        # Heads one at a time: the reference keeps one (B, T, L, L) score tensor alive, not H of them.
+        out = torch.zeros_like(x)
+        patterns = []
+        observed = bool(self.hook_pattern._forward_hooks)  # weights materialised only when observed
+        for h in range(self.heads):
+            keep = self.select(x, h).to(x.dtype)
+            count = keep.sum(dim=-1, keepdim=True)
+            if observed:
+                patterns.append(keep / count)
+            v = x @ _cast(self.value[h], x).T  # (B, L, d_v)
+            # Average as (sum of kept values) / count: exact for moves (count 1) and equal ties.
+            out = out + ((keep @ v) / count) @ _cast(self.output[h], x).T
+        if observed:
+            self.hook_pattern(torch.stack(patterns, dim=1))
+        return out
 
 
 class FFN(nn.Module):
