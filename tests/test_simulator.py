@@ -1,0 +1,126 @@
+"""The universal simulator U against a float64 reference."""
+
+import pytest
+import torch
+
+import usim
+from usim.ops.simulator import UniversalSimulator
+
+
+def reference(x, a, v, keep=None, w1=None, w2=None, residual=False):
+    """sum_h softmax(x a_h x^T, masked) x v_h in float64, then the optional FFN."""
+    x, a, v = x.double(), a.double(), v.double()
+    if a.dim() == 2:
+        a, v = a[None], v[None]
+    scores = torch.einsum("...id,hde,...je->...hij", x, a, x)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[..., None, None, :], float("-inf"))
+    y = (torch.softmax(scores, -1) @ (x[..., None, :, :] @ v)).sum(-3)
+    if w1 is None:
+        return y
+    z = torch.relu(y @ w1.double()) @ w2.double()
+    return z + y if residual else z
+
+
+def torch_error(x, a, v, ref):
+    """The error of the direct float32 torch computation, our yardstick."""
+    direct = reference(x.float(), a.float(), v.float()).float()  # float64 math rounded: a lower bound
+    scores = torch.einsum("...id,hde,...je->...hij", x.float(), a.float() if a.dim() == 3 else a.float()[None],
+                          x.float())
+    vv = v.float() if v.dim() == 3 else v.float()[None]
+    f32 = (torch.softmax(scores, -1) @ (x.float()[..., None, :, :] @ vv)).sum(-3)
+    return max((f32.double() - ref).abs().max().item(), (direct.double() - ref).abs().max().item(), 1e-30)
+
+
+@pytest.mark.parametrize("n,d,heads", [(1, 1, 1), (2, 3, 1), (3, 2, 1), (3, 3, 2), (4, 3, 1)])
+def test_matches_reference_float32(seed, n, d, heads):
+    u = UniversalSimulator(n, d, heads=heads)
+    x = torch.randn(5, n, d)
+    a = torch.randn(heads, d, d) / d
+    v = torch.randn(heads, d, d)
+    ref = reference(x, a, v)
+    ours = u(x, a if heads > 1 else a[0], v if heads > 1 else v[0])
+    assert ours.shape == (5, n, d) and ours.dtype == torch.float32
+    err = (ours.double() - ref).abs().max().item()
+    assert err <= 10 * torch_error(x, a, v, ref) + 1e-6, (seed, err)
+
+
+def test_matches_reference_float64(seed):
+    u = UniversalSimulator(3, 3, heads=2)
+    x, a, v = torch.randn(4, 3, 3, dtype=torch.float64), torch.randn(2, 3, 3, dtype=torch.float64), \
+        torch.randn(2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(u(x, a, v), reference(x, a, v), rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+
+
+def test_attention_weights_are_the_softmax(seed):
+    u = UniversalSimulator(3, 2, heads=2)
+    x, a, v = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 2, 2, dtype=torch.float64), \
+        torch.randn(2, 2, 2, dtype=torch.float64)
+    _, weights = u.attention(x, a, v)
+    expected = torch.softmax(torch.einsum("bid,hde,bje->bhij", x, a, x), -1)
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_ffn_sublayer(seed, residual):
+    u = UniversalSimulator(3, 2, heads=1, ffn_hidden=3)
+    x, a, v = torch.randn(4, 3, 2), torch.randn(2, 2), torch.randn(2, 2)
+    w1, w2 = torch.randn(2, 3), torch.randn(3, 2)
+    ours = u(x, a, v, w1=w1, w2=w2, residual=residual)
+    ref = reference(x, a, v, w1=w1, w2=w2, residual=residual)
+    assert (ours.double() - ref).abs().max() < 1e-4 * (1 + ref.abs().max()), seed
+
+
+def test_key_padding_mask(seed):
+    u = UniversalSimulator(4, 2)
+    x, a, v = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64), \
+        torch.randn(2, 2, dtype=torch.float64)
+    mask = torch.tensor([[False, True, False, False], [False, False, False, True], [True, True, True, False]])
+    torch.testing.assert_close(u(x, a, v, key_padding_mask=mask), reference(x, a, v, keep=~mask),
+                               rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    with pytest.raises(ValueError, match="every key"):
+        u(x, a, v, key_padding_mask=torch.ones(3, 4, dtype=torch.bool))
+
+
+def test_universality_by_padding(seed):
+    big = UniversalSimulator(4, 3)
+    x, a, v = torch.randn(2, 3, 2, dtype=torch.float64), torch.randn(2, 2, dtype=torch.float64), \
+        torch.randn(2, 2, dtype=torch.float64)
+    ref = reference(x, a, v)
+    torch.testing.assert_close(big(x, a, v), ref, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    # Zero-padding the tokens without masking them adds exp(0)-style terms to every normaliser.
+    xp = torch.nn.functional.pad(x, (0, 1, 0, 1))
+    ap = torch.nn.functional.pad(a, (0, 1, 0, 1))
+    vp = torch.nn.functional.pad(v, (0, 1, 0, 1))
+    unmasked = big(xp, ap, vp)[..., :3, :2]
+    assert (unmasked - ref).abs().max() > 1e-3, seed
+    masked = big(xp, ap, vp, key_padding_mask=torch.tensor([False, False, False, True]).expand(2, 4))
+    torch.testing.assert_close(masked[..., :3, :2], ref, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+
+
+def test_checkpoint_through_bare_encoder(seed, tmp_path):
+    u = UniversalSimulator(2, 2, heads=2)
+    path = tmp_path / "u.safetensors"
+    usim.save(u, path)
+    loaded = usim.load(path)
+    x, a, v = torch.randn(3, 2, 2), torch.randn(2, 2, 2), torch.randn(2, 2, 2)
+    assert torch.equal(loaded(x, a, v), u(x, a, v)), seed
+    encoder = usim.Encoder.load(path)
+    keep = torch.ones(2)
+    y, *_ = u.layout.unpack(encoder(u.layout.pack(x, a[0], a[1], v[0], v[1], keep)))
+    assert torch.equal(y, u(x, a, v)), seed
+
+
+def test_bad_input():
+    u = UniversalSimulator(3, 2, heads=2)
+    x = torch.randn(3, 2)
+    with pytest.raises(ValueError, match="built for"):
+        u(torch.randn(4, 2), torch.randn(2, 2, 2), torch.randn(2, 2, 2))
+    with pytest.raises(ValueError, match="heads=2"):
+        u(x, torch.randn(2, 2), torch.randn(2, 2, 2))
+    with pytest.raises(ValueError, match="without ffn_hidden"):
+        u(x, torch.randn(2, 2, 2), torch.randn(2, 2, 2), w1=torch.randn(2, 2), w2=torch.randn(2, 2))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        u(x, torch.randn(2, 2, 2), torch.randn(2, 2, 2), key_padding_mask=torch.zeros(3))
+    with pytest.raises(ValueError, match="w1"):
+        UniversalSimulator(3, 2, ffn_hidden=2)(x, torch.randn(2, 2), torch.randn(2, 2))

@@ -1,0 +1,141 @@
+"""A drop-in for ``torch.nn.MultiheadAttention`` (self-attention) computed by the universal simulator.
+
+The MHA weights are folded into U's inputs, with a homogeneous coordinate for the biases:
+
+    x~ = [x, 1]                                   (n, E + 1)
+    A_h = [Wq_h | bq_h]^T [Wk_h | bk_h] / sqrt(head_dim)   so  x~ A_h x~^T = Q_h K_h^T / sqrt(head_dim)
+    V_h = [Wv_h | bv_h]^T Wo_h^T  (+ bo in the homogeneous row of head 0)
+
+so that sum_h softmax(x~ A_h x~^T) x~ V_h = out_proj(concat_h softmax(Q_h K_h^T / sqrt(dh)) V_h).
+The folding is done in float64 and cast to the input's dtype; everything after it runs in the
+simulator's encoder. Without bias the homogeneous coordinate is dropped (d = E).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from usim.ops.base import check_size
+from usim.ops.simulator import UniversalSimulator
+
+
+class SimulatedMultiheadAttention(nn.Module):
+    r"""Self-attention with the signature of :class:`torch.nn.MultiheadAttention`, computed by U.
+
+    Args:
+        embed_dim: Total dimension of the model.
+        num_heads: Number of parallel attention heads; ``embed_dim`` must be divisible by it.
+        seq_len: The longest sequence the simulator is built for; shorter ones are padded and masked.
+        bias: If specified, adds bias to input / output projection layers. Default: ``True``.
+        batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, batch_first: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        check_size("embed_dim", embed_dim)
+        check_size("num_heads", num_heads)
+        check_size("seq_len", seq_len)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+        factory = {"device": device, "dtype": dtype}
+        self.embed_dim, self.num_heads, self.seq_len = embed_dim, num_heads, seq_len
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
+        self.has_bias = bias
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **factory)) if bias else None
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        if bias:
+            nn.init.zeros_(self.out_proj.bias)
+        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads)
+        self.simulator.to(device=device)
+
+    @classmethod
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int) -> "SimulatedMultiheadAttention":
+        """Copy the weights of an existing ``nn.MultiheadAttention`` (packed q/k/v projections)."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
+        if not mha._qkv_same_embed_dim:
+            raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
+        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
+            raise ValueError("add_bias_kv, add_zero_attn and dropout > 0 are not supported")
+        p = mha.in_proj_weight
+        sim = cls(mha.embed_dim, mha.num_heads, seq_len, bias=mha.in_proj_bias is not None,
+                  batch_first=mha.batch_first, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            sim.in_proj_weight.copy_(mha.in_proj_weight)
+            sim.out_proj.weight.copy_(mha.out_proj.weight)
+            if sim.has_bias:
+                sim.in_proj_bias.copy_(mha.in_proj_bias)
+                sim.out_proj.bias.copy_(mha.out_proj.bias)
+        return sim
+
+    def folded(self, dtype=torch.float64):
+        """U's inputs (A, V), each (num_heads, d, d), folded from the MHA weights in float64."""
+        E, H, dh = self.embed_dim, self.num_heads, self.head_dim
+        w = self.in_proj_weight.detach().double()
+        if self.has_bias:
+            w = torch.cat([w, self.in_proj_bias.detach().double()[:, None]], dim=1)  # (3E, E+1)
+        wq, wk, wv = (rearrange(t, "(h k) e -> h k e", h=H) for t in w.chunk(3))
+        wo = rearrange(self.out_proj.weight.detach().double(), "e (h k) -> h k e", h=H)
+        a = wq.transpose(-1, -2) @ wk / math.sqrt(dh)
+        v = wv.transpose(-1, -2) @ wo  # (H, d, E)
+        if self.has_bias:
+            v = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)
+            v[0, E, :E] += self.out_proj.bias.detach().double()
+        return a.to(dtype), v.to(dtype)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        r"""Same arguments and return tuple as :meth:`torch.nn.MultiheadAttention.forward`, for self-attention.
+
+        Returns:
+            attn_output: (L, N, E), or (N, L, E) with ``batch_first``, or (L, E) unbatched.
+            attn_weights: None unless ``need_weights``; (N, L, L) averaged over heads, or
+            (N, num_heads, L, L) when ``average_attn_weights=False`` (batch dim dropped if unbatched).
+        """
+        if not (key is query or torch.equal(key, query)) or not (value is query or torch.equal(value, query)):
+            raise ValueError("SimulatedMultiheadAttention computes self-attention: query, key and value "
+                             "must be the same tensor")
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("attn_mask and is_causal are not simulated yet: U masks keys only "
+                                      "(use key_padding_mask)")
+        if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be (L, E), (L, N, E) or (N, L, E) with E={self.embed_dim}, "
+                             f"got {tuple(getattr(query, 'shape', ()))}")
+        unbatched = query.dim() == 2
+        x = query[None] if unbatched else (query if self.batch_first else query.transpose(0, 1))
+        if x.shape[1] > self.seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds the simulator's seq_len {self.seq_len}")
+        mask = self._key_mask(key_padding_mask, x, unbatched)
+        if self.has_bias:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        a, v = self.folded(x.dtype)
+        out, weights = self.simulator.attention(x, a.to(x.device), v.to(x.device), key_padding_mask=mask)
+        out = out[..., : self.embed_dim]
+        if not self.batch_first and not unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out, weights = out[0], weights[0]
+        if not need_weights:
+            return out, None
+        return out, (weights.mean(dim=-3) if average_attn_weights else weights)
+
+    def _key_mask(self, mask, x, unbatched):
+        if mask is None:
+            return None
+        if mask.dim() == 1 and unbatched:
+            mask = mask[None]
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"key_padding_mask must be (N, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+        if mask.dtype == torch.bool:
+            return mask
+        if torch.is_floating_point(mask) and bool(((mask == 0) | (mask == float("-inf"))).all()):
+            return mask == float("-inf")
+        raise NotImplementedError("a float key_padding_mask is simulated only with values 0 and -inf")
