@@ -34,7 +34,7 @@ def test_copy_previous_token(seed, dtype):
 def test_ties_are_averaged(seed):
     b = sequence_builder(6)
     b.slot("mean")
-    b.layer([Head([everywhere()], [("value", "mean")])])
+    b.layer([Head([everywhere()], [("value", "mean")], average=True)])
     seq = torch.randn(3, 6, dtype=torch.float64)
     out = run(b, "mean", seq)
     # Every position gets the same value, the mean up to summation order.
@@ -42,8 +42,8 @@ def test_ties_are_averaged(seed):
     torch.testing.assert_close(out[:, 0], seq.mean(-1), rtol=1e-14, atol=0, msg=f"seed {seed}")
 
 
-def test_ties_on_content_average_equal_values_exactly(seed):
-    # Every query takes the maximum; two keys hold it, their average is that value bitwise.
+def test_ties_on_content_keep_one_key(seed):
+    # Every query takes the maximum; two keys hold it; the position tie-break keeps one: no overflow.
     b = sequence_builder(5)
     b.slot("max")
     b.layer([Head([maximize("value")], [("value", "max")])])
@@ -51,6 +51,8 @@ def test_ties_on_content_average_equal_values_exactly(seed):
     seq[:, 3] = seq[:, 1] = seq.abs().amax(-1) + 1
     out = run(b, "max", seq)
     assert torch.equal(out, seq.amax(-1, keepdim=True).expand(-1, 5)), seed
+    huge = torch.full((1, 5), torch.finfo(torch.float32).max)
+    assert torch.equal(run(b, "max", huge), huge)
 
 
 def test_tiers_are_lexicographic(seed):

@@ -7,7 +7,6 @@ import usim
 from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.maxmin import MaxMin, exchange_layer, maxmin_layers
-from usim.ops.relu import order_slot
 
 
 def reference(x):
@@ -77,7 +76,7 @@ def test_chained_in_one_builder(seed):
     b.standard_positions()
     maxmin_layers(b, ("x", "value"), ("y", b.slot("a")), tag="a.")
     maxmin_layers(b, ("y", "a"), ("y", b.slot("b")), tag="b.")
-    exchange_layer(b, ("y", "b"), ("y", b.slot("c")), [(1, 2)], "c.", order_slot(b, "c."))
+    exchange_layer(b, ("y", "b"), ("y", b.slot("c")), [(1, 2)], "c.")
     b.result("y", "c")
     encoder = b.build()
     assert encoder.depth == 3
@@ -120,7 +119,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="m=5"):
         maxmin_layers(b, ("x", "value"), ("y", b.slot("r")), tag="r.")
     with pytest.raises(ValueError, match="disjoint"):
-        exchange_layer(b, ("x", "value"), ("y", "r"), [(0, 1), (1, 2)], "e.", order_slot(b, "e."))
+        exchange_layer(b, ("x", "value"), ("y", "r"), [(0, 1), (1, 2)], "e.")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -28,6 +28,7 @@ from usim.engine import ACTIVATIONS, FFN as FFNModule, Encoder, EncoderLayer, Ha
 from usim.layout import Layout
 
 ONE = "one"
+POSITION = "position"  # the sequence index, a positional slot of every builder
 
 
 def expr(e) -> dict[str, float]:
@@ -60,17 +61,22 @@ def maximize(key_expr, sign=ONE) -> Tier:
 
 
 def everywhere() -> Tier:
-    """All keys tie: a uniform average."""
+    """All keys tie: a uniform average (with ``Head(..., average=True)``)."""
     return [({}, {})]
 
 
 @dataclass
 class Head:
-    """Select by lexicographic tiers, then move: each (src, dst) adds key.src to query.dst."""
+    """Select by lexicographic tiers, then move: each (src, dst) adds key.src to query.dst.
+
+    Unless ``average`` is set, a last tier ``maximize(POSITION)`` keeps exactly one key, so a head
+    copies a single value: exact, and no sum of tied values can overflow at positions whose
+    targets are ambiguous. ``average=True`` keeps every tied key (a uniform average)."""
 
     tiers: list
     moves: list
     name: str = ""
+    average: bool = False
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Builder:
         self.readout: dict[str, str] = {}
         self.slot("value")
         self.positional(ONE, torch.ones(layout.length, dtype=torch.long))
+        self.positional(POSITION, torch.arange(layout.length))
 
     # --- slots ---------------------------------------------------------------------------
     def slot(self, name: str) -> str:
@@ -189,6 +196,7 @@ class Builder:
 
     def _attention(self, heads: list[Head]) -> HardAttention:
         width = len(self.slots)
+        heads = [h if h.average else Head(h.tiers + [maximize(POSITION)], h.moves, h.name, True) for h in heads]
         tiers = max(len(h.tiers) for h in heads)
         d_k = max(max((len(t) for t in h.tiers), default=1) for h in heads) or 1
         d_v = max(len(h.moves) for h in heads) or 1

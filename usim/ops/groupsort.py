@@ -16,7 +16,7 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
 from usim.ops.maxmin import exchange_layer
-from usim.ops.relu import matrix_shape, order_slot
+from usim.ops.relu import matrix_shape
 
 
 def sorting_network(g: int) -> list[list[tuple[int, int]]]:
@@ -37,18 +37,16 @@ def groupsort_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], gro
     """Append layers writing src (n x m) with each row's groups of group_size sorted descending into out.
 
     Reads block, row (standard positions) and src[1]; writes out[1] (which must exist and be zero at
-    out[0]) and scratch slots ``tag + "s<r>"``; adds positional slots ``tag + "order"`` and, per
-    layer r, ``tag + "<r>.pair"``, ``tag + "<r>.sign"``."""
+    out[0]) and scratch slots ``tag + "s<r>"``; adds positional slots, per layer r, ``tag + "<r>.pair"``, ``tag + "<r>.sign"``."""
     m = matrix_shape(b, src, out)[-1]
     check_size("group_size", group_size)
     if m % group_size:
         raise ValueError(f"group_size={group_size} does not divide the number of columns m={m}")
     network = sorting_network(group_size) or [[]]  # g = 1: one layer with no comparator, a copy
-    order = order_slot(b, tag)
     for r, layer in enumerate(network):
         dst = out if r == len(network) - 1 else (out[0], b.slot(f"{tag}s{r}"))
         pairs = [(start + i, start + j) for start in range(0, m, group_size) for i, j in layer]
-        exchange_layer(b, src, dst, pairs, f"{tag}{r}.", order)
+        exchange_layer(b, src, dst, pairs, f"{tag}{r}.")
         src = dst
 
 

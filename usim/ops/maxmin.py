@@ -14,16 +14,16 @@ import torch
 from usim.construct import Builder, Head, match, maximize
 from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
-from usim.ops.relu import matrix_shape, order_slot
+from usim.ops.relu import matrix_shape
 
 
-def exchange_layer(b: Builder, src: tuple[str, str], out: tuple[str, str], pairs, tag: str, order: str) -> None:
+def exchange_layer(b: Builder, src: tuple[str, str], out: tuple[str, str], pairs, tag: str) -> None:
     """Append one layer of compare-exchanges along every row: out = src with, for each column pair
     (i, j) in ``pairs`` (i < j, disjoint), the max of the two at column i and the min at column j.
 
     Columns in no pair are copied. Adds positional slots ``tag + "pair"`` (the pair's first column,
-    or the column itself) and ``tag + "sign"`` (-1 at each pair's second column, else +1); ``order``
-    is a positional slot with a distinct value per position (``order_slot``)."""
+    or the column itself) and ``tag + "sign"`` (-1 at each pair's second column, else +1). Equal
+    values leave two keys; the head's position tie-break (``Head``) keeps one of them."""
     shape = matrix_shape(b, src, out)
     partner = list(range(shape[-1]))
     sign = [1] * shape[-1]
@@ -42,7 +42,7 @@ def exchange_layer(b: Builder, src: tuple[str, str], out: tuple[str, str], pairs
     pair = b.positional_from(f"{tag}pair", per_column(partner, 0))
     sign = b.positional_from(f"{tag}sign", per_column(sign, 1), square=False)
     same_pair = match({"block": b.layout.block_index(src[0]), "row": "row", pair: pair})
-    head = Head([same_pair, maximize(src[1], sign), maximize(order)], [(src[1], out[1])], name=f"{tag}exchange")
+    head = Head([same_pair, maximize(src[1], sign)], [(src[1], out[1])], name=f"{tag}exchange")
     b.layer([head])
 
 
@@ -50,11 +50,11 @@ def maxmin_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: s
     """Append one layer writing MaxMin of src (n x m, m even, pairs along rows) into out.
 
     Reads block, row (standard positions) and src[1]; writes out[1] (which must exist and be zero at
-    out[0]); adds positional slots ``tag + "pair"``, ``tag + "sign"``, ``tag + "order"``."""
+    out[0]); adds positional slots ``tag + "pair"``, ``tag + "sign"``."""
     m = matrix_shape(b, src, out)[-1]
     if m % 2:
         raise ValueError(f"MaxMin needs an even number of columns, got m={m}")
-    exchange_layer(b, src, out, [(k, k + 1) for k in range(0, m, 2)], tag, order_slot(b, tag))
+    exchange_layer(b, src, out, [(k, k + 1) for k in range(0, m, 2)], tag)
 
 
 @register

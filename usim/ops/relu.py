@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from usim.construct import FFN, Builder, Head, Unit, match, maximize
+from usim.construct import FFN, Builder, Head, Unit, match
 from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
 
@@ -24,26 +24,18 @@ def matrix_shape(b: Builder, src: tuple[str, str], out: tuple[str, str]) -> tupl
     return shape
 
 
-def order_slot(b: Builder, tag: str) -> str:
-    """Positional slot ``tag + "order"``: the sequence index, a last tier that keeps one key.
-
-    With exactly one key kept, a head's average is a plain copy: no sum of tied values can overflow."""
-    name = f"{tag}order"
-    return name if name in b.slots else b.positional(name, torch.arange(b.layout.length))
-
-
 def relu_layer(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: str) -> None:
     """Append one layer writing relu(src) into slot out[1] at block out[0] (same shape as src[0]).
 
     Reads block, row, col (standard positions) and src[1]; writes out[1] (which must exist and be
-    zero at out[0]) and, when the blocks differ, the scratch slots ``tag + "in"``, ``tag + "order"``."""
+    zero at out[0]) and, when the blocks differ, the scratch slot ``tag + "in"``."""
     matrix_shape(b, src, out)
     if src[0] == out[0]:
         b.layer(ffn=FFN("relu", [Unit(src[1], out[1])]))
         return
     moved = b.slot(f"{tag}in")
     here = match({"block": b.layout.block_index(src[0]), "row": "row", "col": "col"})
-    head = Head([here, maximize(order_slot(b, tag))], [(src[1], moved)], name=f"{tag}move {src[0]}->{out[0]}")
+    head = Head([here], [(src[1], moved)], name=f"{tag}move {src[0]}->{out[0]}")
     b.layer([head], FFN("relu", [Unit(moved, out[1])]))
 
 

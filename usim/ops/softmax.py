@@ -28,7 +28,7 @@ import torch
 from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
-from usim.ops.relu import matrix_shape, order_slot
+from usim.ops.relu import matrix_shape
 
 # exp(x - M - MASKED) == 0 in float32 and float64 for x - M <= 0.
 MASKED = 1e30
@@ -42,12 +42,11 @@ def softmax_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: 
 
     key_valid = (block, slot) optionally holds m flags (1 keep, 0 mask) for the m columns; every row
     needs one kept key. Reads block, row, col (standard positions); adds the slots ``tag + "x"``,
-    ``"max"``, ``"e"``, ``"e{j}"`` (j < m), ``"r"``, ``"order"`` (and ``"drop"`` with a mask)."""
+    ``"max"``, ``"e"``, ``"e{j}"`` (j < m), ``"r"`` (and ``"drop"`` with a mask)."""
     shape = matrix_shape(b, src, out)
     m = shape[-1]
     block = match({"block": b.layout.block_index(src[0])})
     same_row = match({"row": "row"})
-    order = maximize(order_slot(b, tag))
     x, top, e, r = (b.slot(f"{tag}{s}") for s in ("x", "max", "e", "r"))
     if key_valid is None:
         kept = []
@@ -55,8 +54,8 @@ def softmax_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: 
         exp_in = {x: 1.0, top: -1.0}
     else:
         kept, pick_col, exp_in = _mask_layer(b, key_valid, m, tag, x, top)
-    row_max = Head([block, same_row, *kept, maximize(src[1]), order], [(src[1], top)], name=f"{tag}max")
-    entry = Head([block, same_row, pick_col, maximize(src[1]), order], [(src[1], x)], name=f"{tag}x")
+    row_max = Head([block, same_row, *kept, maximize(src[1])], [(src[1], top)], name=f"{tag}max")
+    entry = Head([block, same_row, pick_col, maximize(src[1])], [(src[1], x)], name=f"{tag}x")
     b.layer([row_max, entry], FFN("exp", [Unit(exp_in, e)]))
     row = b.slots_named(f"{tag}e", m)
     gather = [Head([block, match({"row": "row", "col": j})], [(e, row[j])], name=f"{tag}e{j}") for j in range(m)]
