@@ -10,6 +10,7 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.groupsort import GroupSort, groupsort_layers, sorting_network
 from usim.ops.maxmin import MaxMin
+from helpers import final_stream
 
 
 def reference(x, g):
@@ -33,16 +34,6 @@ def inputs(shape, dtype):
     scale = torch.tensor([1e-3, 1.0, 1e3], dtype=dtype).repeat(2)[:, None, None]
     x = torch.cat([torch.randn(3, *shape, dtype=dtype), torch.randint(-1, 2, (3, *shape)).to(dtype)])
     return x * scale
-
-
-def final_stream(op, x):
-    seen = []
-    handle = op.encoder.layers[-1].hook_resid.register_forward_hook(lambda m, i, out: seen.append(out))
-    try:
-        y = op(x)
-    finally:
-        handle.remove()
-    return y, seen[0]
 
 
 @pytest.mark.parametrize("n,m,g", cases())

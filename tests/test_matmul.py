@@ -8,6 +8,7 @@ import usim
 from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.matmul import MatMul, matmul_layers
+from helpers import final_stream
 
 SCALES = (1e-3, 1.0, 1e3)
 
@@ -16,16 +17,6 @@ def shapes():
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     fixed = [(1, 1, 1), (1, 4, 1), (1, 3, 5), (5, 3, 1), (4, 1, 3), (3, 4, 2), (2, 5, 3)]
     return fixed + [tuple(torch.randint(1, 8, (3,), generator=g).tolist()) for _ in range(2)]
-
-
-def final_stream(op, *args):
-    seen = []
-    handle = op.encoder.layers[-1].hook_resid.register_forward_hook(lambda m, i, out: seen.append(out))
-    try:
-        y = op(*args)
-    finally:
-        handle.remove()
-    return y, seen[0]
 
 
 def exact_error(result, a, b):

@@ -8,6 +8,7 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.relu import ReLU, relu_layer
 from usim.ops.transpose import transpose_layer
+from helpers import final_stream
 
 
 def shapes():
@@ -21,16 +22,6 @@ def inputs(shape, dtype):
     scale = torch.tensor([1e-3, 1.0, 1e3], dtype=dtype).repeat(2)[:, None, None]
     x = torch.cat([torch.randn(3, *shape, dtype=dtype), torch.randint(-2, 3, (3, *shape)).to(dtype)])
     return x * scale
-
-
-def final_stream(op, x):
-    seen = []
-    handle = op.encoder.layers[-1].hook_resid.register_forward_hook(lambda m, i, out: seen.append(out))
-    try:
-        y = op(x)
-    finally:
-        handle.remove()
-    return y, seen[0]
 
 
 @pytest.mark.parametrize("n,m", shapes())

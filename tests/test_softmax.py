@@ -9,6 +9,7 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.matmul import matmul_layers
 from usim.ops.softmax import Softmax, softmax_layers
+from helpers import final_stream
 
 SCALES = (1e-3, 1.0, 10.0, 1e3, 1e4)
 
@@ -17,16 +18,6 @@ def shapes():
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     fixed = [(1, 1), (1, 2), (1, 6), (5, 1), (3, 4), (4, 3)]
     return fixed + [tuple(torch.randint(1, 9, (2,), generator=g).tolist()) for _ in range(2)]
-
-
-def final_stream(op, x):
-    seen = []
-    handle = op.encoder.layers[-1].hook_resid.register_forward_hook(lambda m, i, out: seen.append(out))
-    try:
-        y = op(x)
-    finally:
-        handle.remove()
-    return y, seen[0]
 
 
 def exact_softmax(x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,13 @@ from usim.checkpoint import load, save
 from usim.engine import Encoder
 from usim.layout import Block, Layout
 from usim.mha import SimulatedMultiheadAttention
-from usim.ops import (Construction, GroupSort, MatMul, MaxMin, ReLU, Softmax, Transpose,
-                      UniversalSimulator)
+from usim.ops import (Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
+                      SimulatedGroupSortNetwork, SimulatedLinearAttention, SimulatedLinformer,
+                      SimulatedParity, Softmax, Transpose, UniversalSimulator)
 
 __version__ = "0.1.0"
 
-__all__ = ["Block", "Construction", "Encoder", "GroupSort", "Layout", "MatMul", "MaxMin", "ReLU",
-           "SimulatedMultiheadAttention", "Softmax", "Transpose", "UniversalSimulator", "load", "save"]
+__all__ = ["Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
+           "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedLinearAttention", "SimulatedLinformer",
+           "SimulatedMultiheadAttention", "SimulatedParity", "Softmax", "Transpose", "UniversalSimulator",
+           "load", "save"]

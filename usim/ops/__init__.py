@@ -1,12 +1,20 @@
 """One file per constructed operation; each registers itself for usim.load."""
 
 from usim.ops.base import Construction
+from usim.ops.determinant import Determinant
 from usim.ops.groupsort import GroupSort
+from usim.ops.groupsort_network import SimulatedGroupSortNetwork
+from usim.ops.inverse import Inverse
+from usim.ops.linear_attention import SimulatedLinearAttention
+from usim.ops.linformer import SimulatedLinformer
 from usim.ops.matmul import MatMul
 from usim.ops.maxmin import MaxMin
+from usim.ops.parity import SimulatedParity
 from usim.ops.relu import ReLU
 from usim.ops.simulator import UniversalSimulator
 from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
-__all__ = ["Construction", "GroupSort", "MatMul", "MaxMin", "ReLU", "Softmax", "Transpose", "UniversalSimulator"]
+__all__ = ["Construction", "Determinant", "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU",
+           "SimulatedGroupSortNetwork", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
+           "Softmax", "Transpose", "UniversalSimulator"]

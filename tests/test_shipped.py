@@ -1,0 +1,78 @@
+"""The checkpoints in checkpoints/: each equals a fresh construction bitwise and computes its op."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import usim
+from usim.export import shipped
+
+ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def test_every_shipped_file_is_listed_and_present():
+    assert sorted(p.stem for p in ROOT.glob("*.safetensors")) == sorted(shipped())
+
+
+@pytest.mark.parametrize("stem", sorted(shipped()))
+def test_equals_fresh_construction(stem):
+    path = ROOT / f"{stem}.safetensors"
+    fresh = shipped()[stem]()
+    tensors = load_file(str(path))
+    expected = {"pos_table": fresh.encoder.pos_table, "readout": fresh.encoder.readout}
+    expected.update({k: v for k, v in fresh.encoder.state_dict().items() if k.startswith("layers.")})
+    assert sorted(tensors) == sorted(expected)
+    for name, t in expected.items():
+        assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["usim.module"]) == {"kind": fresh.kind, "args": fresh.args}
+    assert json.loads(meta["usim.slots"]) == fresh.encoder.slots
+
+
+def run_bare(path, *arrays):
+    module = usim.load(path)
+    encoder = usim.Encoder.load(path)
+    batch_shape = module.layout.batch_shape(*arrays)
+    return module, module.layout.unpack(encoder(module.layout.pack(*arrays)), batch_shape)
+
+
+def test_ops_through_bare_encoder(seed):
+    x, y = torch.randn(3, 4, 4, dtype=torch.float64), torch.randn(3, 4, 4, dtype=torch.float64)
+    _, out = run_bare(ROOT / "transpose_4x4.safetensors", x)
+    assert torch.equal(out, x.transpose(-1, -2)), seed
+    _, out = run_bare(ROOT / "relu_4x4.safetensors", x)
+    assert torch.equal(out, torch.relu(x)), seed
+    _, out = run_bare(ROOT / "maxmin_4x4.safetensors", x)
+    pairs = x.unflatten(-1, (2, 2))
+    assert torch.equal(out, torch.stack([pairs.amax(-1), pairs.amin(-1)], -1).flatten(-2)), seed
+    _, out = run_bare(ROOT / "groupsort_4x4_g4.safetensors", x)
+    assert torch.equal(out, x.sort(-1, descending=True).values), seed
+    _, out = run_bare(ROOT / "matmul_4x4x4.safetensors", x, y)
+    torch.testing.assert_close(out, x @ y, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    _, out = run_bare(ROOT / "softmax_4x4.safetensors", x)
+    torch.testing.assert_close(out, torch.softmax(x, -1), rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+    well = x + 4 * torch.eye(4, dtype=torch.float64)
+    _, out = run_bare(ROOT / "inverse_4.safetensors", well)
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(out, torch.linalg.inv(well), rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
+    module = usim.load(ROOT / "determinant_4.safetensors")
+    torch.testing.assert_close(module(well), torch.linalg.det(well), rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize("n", [3, 4, 8])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_simulators_through_bare_encoder(seed, n, heads):
+    path = ROOT / f"u_n{n}_d{n}_h{heads}.safetensors"
+    x = torch.randn(n, n, dtype=torch.float64)
+    a, v = torch.randn(heads, n, n, dtype=torch.float64) / n, torch.randn(heads, n, n, dtype=torch.float64)
+    module, outputs = run_bare(path, x, *a, *v, torch.ones(n, dtype=torch.float64))
+    y = outputs[0]
+    scores = torch.einsum("id,hde,je->hij", x, a, x)
+    reference = (torch.softmax(scores, -1) @ (x @ v)).sum(0)
+    torch.testing.assert_close(y, reference, rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
+    assert torch.equal(module(x, a, v), y), seed

@@ -1,0 +1,34 @@
+"""Determinant by Gauss elimination with partial pivoting (the layers of usim.ops.inverse on an
+n x n scratch block). Activations: relu, reciprocal, bilinear. Depth 5n + 1, width 2.
+
+det(A) = (-1)^(number of real row swaps) * product of the pivots, accumulated pivot by pivot in
+the order of LU with partial pivoting (as torch.linalg.det). A matrix that meets an exactly-zero
+pivot (singular, e.g. a zero column or an exactly dependent row) gives exactly 0, like torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from usim.construct import Builder
+from usim.layout import Layout
+from usim.ops.base import Construction, check_size, register
+from usim.ops.inverse import gauss_jordan_layers
+
+
+@register
+class Determinant(Construction):
+    """forward(a (..., n, n)) -> (...): the determinant, computed by the encoder."""
+
+    def __init__(self, n: int):
+        check_size("n", n)
+        layout = Layout.of(inputs={"a": (n, n)}, outputs={"det": (1,)}, scratch={"w": (n, n)})
+        b = Builder(layout)
+        b.standard_positions()
+        b.slot("result")
+        gauss_jordan_layers(b, ("a", "value"), "w", det_out=("det", "result"), tag="det.")
+        b.result("det", "result")
+        super().__init__(b.build(), layout, {"n": n})
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.run(a)[..., 0]
