@@ -134,13 +134,15 @@ def load_encoder(path):
     return encoder, layout, module.get("kind", "Encoder"), module.get("args", {})
 
 
-def load(path):
-    """Rebuild the saved construction from the file alone (no constructor is re-run)."""
+def load(path, execution: str = "fast"):
+    """Rebuild the saved construction from the file alone (no constructor is re-run); execution
+    is "fast" or "dense" (see ``usim.Encoder.execution``)."""
     from usim.ops.base import REGISTRY
 
     encoder, layout, kind, args = load_encoder(path)
+    encoder.execution = execution
     if kind == "Encoder":
         return encoder
     if kind not in REGISTRY:
         raise ValueError(f"{path}: unknown module kind {kind!r} (known: {sorted(REGISTRY)})")
-    return REGISTRY[kind].from_parts(encoder, layout, args)
+    return REGISTRY[kind].from_parts(encoder, layout, args, execution)

@@ -23,6 +23,9 @@ from torch import nn
 
 # The declared nonlinearities an FFN sublayer may use.
 ACTIVATIONS = ("identity", "relu", "bilinear", "exp", "reciprocal")
+EXECUTIONS = ("fast", "dense")
+# About how many stream numbers one forward chunk holds (the batch is split to stay near this).
+CHUNK = 1 << 25
 
 
 def _cast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -60,33 +63,97 @@ class HardAttention(nn.Module):
     def tiers(self) -> int:
         return self.query.shape[1]
 
+    def _sparse(self, like: torch.Tensor):
+        """(value read (H*d_v, R), read columns (R,), output (S, H*d_v), written columns (S,)):
+        the value and output maps restricted to the stream columns they use."""
+        key = (like.dtype, like.device)
+        if getattr(self, "_sparse_cache", (None,))[0] != key:
+            heads, d_v, width = self.value.shape
+            value = self.value.reshape(heads * d_v, width)
+            output = self.output.permute(1, 0, 2).reshape(width, heads * d_v)
+            reads = (value != 0).any(0).nonzero()[:, 0]
+            writes = (output != 0).any(1).nonzero()[:, 0]
+            self._sparse_cache = (key, (_cast(value[:, reads], like), reads.to(like.device),
+                                        _cast(output[writes], like), writes.to(like.device)))
+        return self._sparse_cache[1]
+
+    def _tier_reads(self, like: torch.Tensor):
+        """Per (head, tier): (columns, query read, key read), restricted to the columns used."""
+        key = (like.dtype, like.device)
+        if getattr(self, "_tier_cache", (None,))[0] != key:
+            reads = []
+            for h in range(self.heads):
+                row = []
+                for t in range(self.tiers):
+                    cols = ((self.query[h, t] != 0) | (self.key[h, t] != 0)).any(0).nonzero()[:, 0]
+                    row.append((cols.to(like.device), _cast(self.query[h, t][:, cols], like),
+                                _cast(self.key[h, t][:, cols], like)))
+                reads.append(row)
+            self._tier_cache = (key, reads)
+        return self._tier_cache[1]
+
+    def _scores(self, x: torch.Tensor, head: int, tier: int, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores of one tier: (B, L, L), or (B, L, K) against the candidate keys (L, K)."""
+        cols, query, key = self._tier_reads(x)[head][tier]
+        used = x[..., cols]
+        q, k = used @ query.T, used @ key.T  # (B, L, d_k)
+        if keys is None:
+            return q @ k.transpose(-1, -2)
+        return einsum(q, k[:, keys], "b l d, b l c d -> b l c")
+
     def select(self, x: torch.Tensor, head: int) -> torch.Tensor:
         """(B, L, L) bool: the keys each query of one head keeps (lexicographic max over the tiers)."""
-        q = einsum(x, _cast(self.query[head], x), "b l w, t k w -> b t l k")
-        k = einsum(x, _cast(self.key[head], x), "b l w, t k w -> b t l k")
-        scores = q @ k.transpose(-1, -2)  # (B, T, L, L)
-        keep = torch.ones_like(scores[:, 0], dtype=torch.bool)
-        for t in range(scores.shape[1]):
-            s = scores[:, t].masked_fill(~keep, float("-inf"))
+        keep = torch.ones(x.shape[0], x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
+        for t in range(self.tiers):
+            s = self._scores(x, head, t).masked_fill(~keep, float("-inf"))
             keep = keep & (s == s.amax(dim=-1, keepdim=True))
         return keep
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Heads one at a time: the reference keeps one (B, T, L, L) score tensor alive, not H of them.
-        out = torch.zeros_like(x)
-        patterns = []
+    def _candidates(self, x: torch.Tensor, head: int, plan) -> torch.Tensor:
+        """(B, L, K) bool over the plan's candidate keys: the run-time (content) tiers."""
+        keep = plan.valid.expand(x.shape[0], -1, -1)
+        for t in range(plan.first_dynamic, self.tiers):
+            s = self._scores(x, head, t, plan.index).masked_fill(~keep, float("-inf"))
+            keep = keep & (s == s.amax(dim=-1, keepdim=True))
+        return keep
+
+    def forward(self, x: torch.Tensor, plans=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sum of the heads' outputs at the written columns (B, L, S), those columns (S,)).
+
+        plans: one ``usim.fast.HeadPlan`` per head (fast execution), or None (dense reference)."""
+        value, reads, output, writes = self._sparse(x)
+        batch, length = x.shape[:2]
+        d_v = self.value.shape[1]
+        v = (x[..., reads] @ value.T).unflatten(-1, (self.heads, d_v))  # (B, L, H, d_v)
         observed = bool(self.hook_pattern._forward_hooks)  # weights materialised only when observed
-        for h in range(self.heads):
-            keep = self.select(x, h).to(x.dtype)
-            count = keep.sum(dim=-1, keepdim=True)
+        pattern = x.new_zeros(batch, self.heads, length, length) if observed else None
+        mean = torch.empty_like(v)
+        gathers = [h for h in range(self.heads) if plans is not None and plans[h].kind == "gather"]
+        if gathers:
+            index = torch.stack([plans[h].index for h in gathers], dim=1)  # (L, G)
+            mean[:, :, gathers] = v[:, index, torch.tensor(gathers, device=x.device)]
             if observed:
-                patterns.append(keep / count)
-            v = x @ _cast(self.value[h], x).T  # (B, L, d_v)
-            # Average as (sum of kept values) / count: exact for moves (count 1) and equal ties.
-            out = out + ((keep @ v) / count) @ _cast(self.output[h], x).T
+                for h in gathers:
+                    pattern[:, h, torch.arange(length, device=x.device), plans[h].index] = 1
+        for h in range(self.heads):
+            kind = "dense" if plans is None else plans[h].kind
+            if kind == "candidates":
+                keep = self._candidates(x, h, plans[h]).to(x.dtype)  # (B, L, K)
+                count = keep.sum(dim=-1, keepdim=True)
+                mean[:, :, h] = einsum(keep, v[:, plans[h].index, h], "b l c, b l c j -> b l j") / count
+                if observed:
+                    pattern[:, h].scatter_add_(-1, plans[h].index.expand(batch, -1, -1), keep / count)
+            elif kind == "dense":
+                # Heads one at a time: one (B, T, L, L) score tensor alive, not H of them.
+                keep = self.select(x, h).to(x.dtype)
+                count = keep.sum(dim=-1, keepdim=True)
+                # Average as (sum of kept values) / count: exact for moves (count 1) and equal ties.
+                mean[:, :, h] = (keep @ v[:, :, h]) / count
+                if observed:
+                    pattern[:, h] = keep / count
         if observed:
-            self.hook_pattern(torch.stack(patterns, dim=1))
-        return out
+            self.hook_pattern(pattern)
+        return mean.flatten(-2) @ output.T, writes
 
 
 class FFN(nn.Module):
@@ -116,8 +183,21 @@ class FFN(nn.Module):
     def hidden(self) -> int:
         return self.w_out.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = x @ _cast(self.w_in, x).T + _cast(self.b_in, x)
+    def _sparse(self, like: torch.Tensor):
+        """(w_in, b_in, read columns, w_out, b_out, written columns), restricted to the columns used."""
+        key = (like.dtype, like.device)
+        if getattr(self, "_sparse_cache", (None,))[0] != key:
+            reads = (self.w_in != 0).any(0).nonzero()[:, 0]
+            writes = ((self.w_out != 0).any(1) | (self.b_out != 0)).nonzero()[:, 0]
+            self._sparse_cache = (key, (_cast(self.w_in[:, reads], like), _cast(self.b_in, like),
+                                        reads.to(like.device), _cast(self.w_out[writes], like),
+                                        _cast(self.b_out[writes], like), writes.to(like.device)))
+        return self._sparse_cache[1]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the output at the written columns (B, L, S), those columns (S,))."""
+        w_in, b_in, reads, w_out, b_out, writes = self._sparse(x)
+        pre = x[..., reads] @ w_in.T + b_in
         if self.activation == "identity":
             h = pre
         elif self.activation == "relu":
@@ -129,11 +209,14 @@ class FFN(nn.Module):
         else:  # bilinear
             a, b = pre.split(self.hidden, dim=-1)
             h = a * b
-        return h @ _cast(self.w_out, x).T + _cast(self.b_out, x)
+        return h @ w_out.T + b_out, writes
 
 
 class EncoderLayer(nn.Module):
-    """An attention sublayer then an FFN sublayer, each optional, each added to the stream."""
+    """An attention sublayer then an FFN sublayer, each optional, each added to the stream.
+
+    Each sublayer reads and writes only the stream columns its weights use (the others would add
+    exact zeros); the additions are in place unless autograd needs the old stream."""
 
     def __init__(self, attn: HardAttention | None = None, ffn: FFN | None = None):
         super().__init__()
@@ -141,12 +224,20 @@ class EncoderLayer(nn.Module):
         self.ffn = ffn
         self.hook_resid = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plans=None) -> torch.Tensor:
         if self.attn is not None:
-            x = x + self.attn(x)
+            x = _add_columns(x, *self.attn(x, plans))
         if self.ffn is not None:
-            x = x + self.ffn(x)
-        return self.hook_resid(x)
+            x = _add_columns(x, *self.ffn(x))
+        if self.hook_resid._forward_hooks:  # observers get a copy, not the stream updated in place
+            return self.hook_resid(x.clone())
+        return x
+
+
+def _add_columns(x: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad):
+        return x.index_add(-1, columns, delta)
+    return x.index_add_(-1, columns, delta)
 
 
 class Encoder(nn.Module):
@@ -158,8 +249,9 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, slots: list[str], pos_table: torch.Tensor, readout: torch.Tensor,
-                 layers: list[EncoderLayer]):
+                 layers: list[EncoderLayer], execution: str = "fast"):
         super().__init__()
+        self.execution = execution
         if len(set(slots)) != len(slots):
             raise ValueError("slot names must be unique")
         if "value" not in slots:
@@ -191,10 +283,34 @@ class Encoder(nn.Module):
         """Most heads in one layer."""
         return max([layer.attn.heads for layer in self.layers if layer.attn is not None], default=0)
 
+    @property
+    def execution(self) -> str:
+        """"fast" (default): position-only selections planned once and applied as gathers (see
+        ``usim.fast``); "dense": the reference, every head scores all L x L pairs."""
+        return self._execution
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        if mode not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+        self._execution = mode
+
+    def plans(self, device=None) -> list:
+        """The fast execution's per-layer head plans (computed once, cached per device)."""
+        from usim.fast import plan_encoder
+
+        cache = self.__dict__.setdefault("_plans", {})
+        if "cpu" not in cache:
+            cache["cpu"] = plan_encoder(self)
+        device = torch.device(device or "cpu")
+        if str(device) not in cache:
+            cache[str(device)] = [None if p is None else [h.to(device) for h in p] for p in cache["cpu"]]
+        return cache[str(device)]
+
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
-        value = torch.zeros(self.stream_width, dtype=seq.dtype, device=seq.device)
-        value[self.slots.index("value")] = 1
-        return seq[..., None] * value + _cast(self.pos_table, seq)
+        x = _cast(self.pos_table, seq).expand(seq.shape[0], -1, -1).clone()
+        x[..., self.slots.index("value")] += seq
+        return x
 
     def forward(self, seq: torch.Tensor) -> torch.Tensor:
         """seq (B, L) or (L,) floating -> the same shape."""
@@ -205,12 +321,20 @@ class Encoder(nn.Module):
             seq = seq[None]
         if seq.dim() != 2 or seq.shape[1] != self.length:
             raise ValueError(f"sequence shape {tuple(seq.shape)} does not fit length L={self.length}")
-        x = self.embed(seq)
-        for layer in self.layers:
-            x = layer(x)
-        index = self.readout.to(seq.device).expand(x.shape[0], -1)[..., None]
-        out = x.gather(-1, index)[..., 0]
+        plans = self.plans(seq.device) if self.execution == "fast" else [None] * self.depth
+        # The batch runs in chunks so that the stream and the heads' values stay near CHUNK numbers.
+        heads = max([self.width] + [layer.attn.heads * layer.attn.value.shape[1]
+                                    for layer in self.layers if layer.attn is not None])
+        rows = max(1, CHUNK // (self.length * max(self.stream_width, heads)))
+        out = torch.cat([self._run(part, plans) for part in seq.split(rows)])
         return out[0] if unbatched else out
+
+    def _run(self, seq: torch.Tensor, plans: list) -> torch.Tensor:
+        x = self.embed(seq)
+        for layer, plan in zip(self.layers, plans):
+            x = layer(x, plan)
+        index = self.readout.to(seq.device).expand(x.shape[0], -1)[..., None]
+        return x.gather(-1, index)[..., 0]
 
     @classmethod
     def load(cls, path) -> "Encoder":

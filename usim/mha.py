@@ -32,10 +32,11 @@ class SimulatedMultiheadAttention(nn.Module):
         seq_len: The longest sequence the simulator is built for; shorter ones are padded and masked.
         bias: If specified, adds bias to input / output projection layers. Default: ``True``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
+        execution: ``"fast"`` (default) or ``"dense"``, the simulator's execution (see ``usim.Encoder``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, batch_first: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, execution: str = "fast"):
         super().__init__()
         check_size("embed_dim", embed_dim)
         check_size("num_heads", num_heads)
@@ -53,11 +54,19 @@ class SimulatedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         if bias:
             nn.init.zeros_(self.out_proj.bias)
-        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads)
+        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads, execution=execution)
         self.simulator.to(device=device)
 
+    @property
+    def execution(self) -> str:
+        return self.simulator.execution
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        self.simulator.execution = mode
+
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int) -> "SimulatedMultiheadAttention":
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast") -> "SimulatedMultiheadAttention":
         """Copy the weights of an existing ``nn.MultiheadAttention`` (packed q/k/v projections)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
@@ -67,7 +76,7 @@ class SimulatedMultiheadAttention(nn.Module):
             raise ValueError("add_bias_kv, add_zero_attn and dropout > 0 are not supported")
         p = mha.in_proj_weight
         sim = cls(mha.embed_dim, mha.num_heads, seq_len, bias=mha.in_proj_bias is not None,
-                  batch_first=mha.batch_first, device=p.device, dtype=p.dtype)
+                  batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
         with torch.no_grad():
             sim.in_proj_weight.copy_(mha.in_proj_weight)
             sim.out_proj.weight.copy_(mha.out_proj.weight)

@@ -33,19 +33,29 @@ def check_size(name: str, value, minimum: int = 1) -> int:
 class Construction(nn.Module):
     """Base class: holds ``encoder`` and ``layout``; subclasses build them in ``__init__``."""
 
-    def __init__(self, encoder: Encoder, layout: Layout, args: dict):
+    def __init__(self, encoder: Encoder, layout: Layout, args: dict, execution: str = "fast"):
         super().__init__()
         if encoder.length != layout.length:
             raise ValueError(f"encoder length {encoder.length} != layout length {layout.length}")
         self.encoder = encoder
         self.layout = layout
         self.args = dict(args)
+        self.execution = execution
 
     @classmethod
-    def from_parts(cls, encoder: Encoder, layout: Layout, args: dict):
+    def from_parts(cls, encoder: Encoder, layout: Layout, args: dict, execution: str = "fast"):
         module = cls.__new__(cls)
-        Construction.__init__(module, encoder, layout, args)
+        Construction.__init__(module, encoder, layout, args, execution)
         return module
+
+    @property
+    def execution(self) -> str:
+        """"fast" (default) or "dense" (the reference): see ``usim.Encoder.execution``."""
+        return self.encoder.execution
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        self.encoder.execution = mode
 
     @property
     def kind(self) -> str:

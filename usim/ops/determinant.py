@@ -20,7 +20,7 @@ from usim.ops.inverse import gauss_jordan_layers
 class Determinant(Construction):
     """forward(a (..., n, n)) -> (...): the determinant, computed by the encoder."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, *, execution: str = "fast"):
         check_size("n", n)
         layout = Layout.of(inputs={"a": (n, n)}, outputs={"det": (1,)}, scratch={"w": (n, n)})
         b = Builder(layout)
@@ -28,7 +28,7 @@ class Determinant(Construction):
         b.slot("result")
         gauss_jordan_layers(b, ("a", "value"), "w", det_out=("det", "result"), tag="det.")
         b.result("det", "result")
-        super().__init__(b.build(), layout, {"n": n})
+        super().__init__(b.build(), layout, {"n": n}, execution=execution)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.run(a)[..., 0]

@@ -55,7 +55,7 @@ class GroupSort(Construction):
     """forward(x (..., n, m)) -> (..., n, m): each group x[..., g*t : g*(t+1)] sorted descending,
     computed by the encoder; bitwise exact. group_size g must divide m."""
 
-    def __init__(self, n: int, m: int, group_size: int):
+    def __init__(self, n: int, m: int, group_size: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         check_size("group_size", group_size)
@@ -66,7 +66,7 @@ class GroupSort(Construction):
         b.standard_positions()
         groupsort_layers(b, ("x", "value"), ("y", b.slot("result")), group_size, tag="groupsort.")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m, "group_size": group_size})
+        super().__init__(b.build(), layout, {"n": n, "m": m, "group_size": group_size}, execution=execution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)

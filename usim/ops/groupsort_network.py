@@ -101,7 +101,7 @@ class SimulatedGroupSortNetwork(Construction):
     """forward(x (..., w_0), weights [W_1 (w_1, w_0), ...], biases [b_1 (w_1,), ...]) -> (..., w_L),
     computed by the encoder (weights and biases may carry batch axes; batch shapes broadcast)."""
 
-    def __init__(self, widths, group_size: int):
+    def __init__(self, widths, group_size: int, *, execution: str = "fast"):
         widths = check_widths(widths, group_size)
         tag = "gsn."
         depth = len(widths) - 1
@@ -114,7 +114,7 @@ class SimulatedGroupSortNetwork(Construction):
         groupsort_network_layers(b, ("x", "value"), [f"w{l}" for l in range(1, depth + 1)],
                                  [f"b{l}" for l in range(1, depth + 1)], ("y", b.slot("result")), group_size, tag)
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"widths": widths, "group_size": group_size})
+        super().__init__(b.build(), layout, {"widths": widths, "group_size": group_size}, execution=execution)
 
     @staticmethod
     def depth_formula(widths, group_size: int) -> int:

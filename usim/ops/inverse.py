@@ -143,7 +143,7 @@ class Inverse(Construction):
     Depth 5n + 2, width 2. Raises ValueError for a singular matrix (an exactly-zero pivot) or when
     the result overflows (singular to working precision)."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, *, execution: str = "fast"):
         check_size("n", n)
         layout = Layout.of(inputs={"a": (n, n)}, outputs={"inv": (n, n), "zero_pivots": (1,)},
                            scratch={"w": (n, 2 * n)})
@@ -153,7 +153,7 @@ class Inverse(Construction):
         zeros = gauss_jordan_layers(b, ("a", "value"), "w", inverse_out=("inv", "result"), tag="inv.")
         b.result("inv", "result")
         b.result("zero_pivots", zeros)
-        super().__init__(b.build(), layout, {"n": n})
+        super().__init__(b.build(), layout, {"n": n}, execution=execution)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         inv, zero_pivots = self.run(a)

@@ -89,7 +89,7 @@ class SimulatedLinearAttention(Construction):
     """forward(x (..., n, d), w_q, w_k, w_v (each (..., d, d))) -> (..., n, d): linear attention
     with phi = elu + 1, computed by the encoder (batch shapes broadcast)."""
 
-    def __init__(self, n: int, d: int):
+    def __init__(self, n: int, d: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("d", d)
         tag = "la."
@@ -99,7 +99,7 @@ class SimulatedLinearAttention(Construction):
         b.standard_positions()
         linear_attention_layers(b, "x", "w_q", "w_k", "w_v", ("y", b.slot("result")), tag=tag)
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "d": d})
+        super().__init__(b.build(), layout, {"n": n, "d": d}, execution=execution)
 
     def forward(self, x, w_q, w_k, w_v):
         n, d = self.args["n"], self.args["d"]

@@ -63,7 +63,7 @@ class SimulatedLinformer(Construction):
     softmax(x a (e x)^T) (f x) v computed by the encoder. Every argument may carry batch axes
     (batch shapes broadcast)."""
 
-    def __init__(self, n: int, d: int, k: int):
+    def __init__(self, n: int, d: int, k: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("d", d)
         check_size("k", k)
@@ -76,7 +76,7 @@ class SimulatedLinformer(Construction):
         b.standard_positions()
         linformer_layers(b, "x", "a", "v", "e", "f", ("y", b.slot("result")), tag=tag)
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "d": d, "k": k})
+        super().__init__(b.build(), layout, {"n": n, "d": d, "k": k}, execution=execution)
 
     def forward(self, x, a, v, e, f):
         n, d, k = self.args["n"], self.args["d"], self.args["k"]

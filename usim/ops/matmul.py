@@ -56,7 +56,7 @@ class MatMul(Construction):
     """forward(a (..., n, m), b (..., m, p)) -> (..., n, p), computed by the encoder (batch shapes
     broadcast); agrees with torch.matmul to within a few roundings."""
 
-    def __init__(self, n: int, m: int, p: int):
+    def __init__(self, n: int, m: int, p: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         check_size("p", p)
@@ -65,7 +65,7 @@ class MatMul(Construction):
         b.standard_positions()
         matmul_layers(b, ("a", "value"), ("b", "value"), ("y", b.slot("result")), tag="matmul.")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m, "p": p})
+        super().__init__(b.build(), layout, {"n": n, "m": m, "p": p}, execution=execution)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         n, m, p = self.args["n"], self.args["m"], self.args["p"]

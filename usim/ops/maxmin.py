@@ -62,7 +62,7 @@ class MaxMin(Construction):
     """forward(x (..., n, m)) -> (..., n, m), m even: each pair (x[..., 2k], x[..., 2k+1]) becomes
     (max, min), computed by the encoder; bitwise exact."""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         if m % 2:
@@ -72,7 +72,7 @@ class MaxMin(Construction):
         b.standard_positions()
         maxmin_layers(b, ("x", "value"), ("y", b.slot("result")), tag="maxmin.")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m})
+        super().__init__(b.build(), layout, {"n": n, "m": m}, execution=execution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)

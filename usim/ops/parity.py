@@ -45,7 +45,7 @@ class SimulatedParity(Construction):
     """forward(bits (..., length)) with 0/1 float entries and 0 <= length <= max_length -> (...,):
     1.0 where the string has an odd number of ones, else 0.0, computed by the encoder."""
 
-    def __init__(self, max_length: int):
+    def __init__(self, max_length: int, *, execution: str = "fast"):
         check_size("max_length", max_length)
         padded = 1 << (max_length - 1).bit_length()
         scratch = {"pad": (padded - max_length,)} if padded > max_length else {}
@@ -53,7 +53,7 @@ class SimulatedParity(Construction):
         b = Builder(layout)
         parity_layer(b, "bits", ("y", b.slot("result")), tag="parity.", pad="pad" if scratch else None)
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"max_length": max_length})
+        super().__init__(b.build(), layout, {"max_length": max_length}, execution=execution)
 
     def forward(self, bits):
         n = self.args["max_length"]

@@ -43,7 +43,7 @@ def relu_layer(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: str)
 class ReLU(Construction):
     """forward(x (..., n, m)) -> (..., n, m), computed by the encoder; bitwise torch.relu(x)."""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         layout = Layout.of(inputs={"x": (n, m)}, outputs={"y": (n, m)})
@@ -51,7 +51,7 @@ class ReLU(Construction):
         b.standard_positions()
         relu_layer(b, ("x", "value"), ("y", b.slot("result")), tag="relu.")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m})
+        super().__init__(b.build(), layout, {"n": n, "m": m}, execution=execution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)

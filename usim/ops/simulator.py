@@ -59,7 +59,8 @@ class UniversalSimulator(Construction):
     (n' <= n, d' <= d): inputs are padded with zeros and the padded tokens masked out of the softmax.
     """
 
-    def __init__(self, n: int, d: int, heads: int = 1, ffn_hidden: int | None = None):
+    def __init__(self, n: int, d: int, heads: int = 1, ffn_hidden: int | None = None, *,
+                 execution: str = "fast"):
         check_size("n", n)
         check_size("d", d)
         check_size("heads", heads)
@@ -108,7 +109,8 @@ class UniversalSimulator(Construction):
                           [("y", "y_here")], name="y at out")],
                     FFN("bilinear", [Unit("flag", "out", gate="y_here")]))
             b.result("out", "out")
-        super().__init__(b.build(), layout, {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden})
+        super().__init__(b.build(), layout, {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden},
+                         execution=execution)
 
     @property
     def n(self) -> int:

@@ -87,7 +87,7 @@ def _mask_layer(b: Builder, key_valid, m: int, tag: str, x: str, top: str):
 class Softmax(Construction):
     """forward(x (..., n, m)) -> (..., n, m): torch.softmax(x, -1) computed by the encoder."""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         layout = Layout.of(inputs={"x": (n, m)}, outputs={"y": (n, m)})
@@ -95,7 +95,7 @@ class Softmax(Construction):
         b.standard_positions()
         softmax_layers(b, ("x", "value"), ("y", b.slot("result")), tag="softmax.")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m})
+        super().__init__(b.build(), layout, {"n": n, "m": m}, execution=execution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)

@@ -25,7 +25,7 @@ def transpose_layer(b: Builder, src: str, dst: str, src_slot: str = "value", dst
 class Transpose(Construction):
     """forward(x (..., n, m)) -> (..., m, n), computed by the encoder; bitwise x.transpose(-1, -2)."""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, *, execution: str = "fast"):
         check_size("n", n)
         check_size("m", m)
         layout = Layout.of(inputs={"x": (n, m)}, outputs={"y": (m, n)})
@@ -34,7 +34,7 @@ class Transpose(Construction):
         b.slot("result")
         transpose_layer(b, "x", "y")
         b.result("y", "result")
-        super().__init__(b.build(), layout, {"n": n, "m": m})
+        super().__init__(b.build(), layout, {"n": n, "m": m}, execution=execution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
