@@ -47,27 +47,42 @@ def cases():
 
 
 def run_both(module, args):
-    """(output, final stream) in fast and in dense execution."""
-    results = []
+    """(fast output, dense output, fast stream, dense stream): outputs without hooks (fast runs the
+    compiled program of live entries), streams with a hook on the last layer (fast then runs the
+    planned heads over the whole stream)."""
+    outputs, streams = [], []
     for mode in ("fast", "dense"):
         module.execution = mode
+        outputs.append(module(*args))
         seen = []
         handle = module.encoder.layers[-1].hook_resid.register_forward_hook(lambda m, i, o: seen.append(o))
         try:
-            out = module(*args)
+            module(*args)
         finally:
             handle.remove()
-        results.append((out, seen[-1]))
-    return results
+        streams.append(seen[-1])
+    return (*outputs, *streams)
+
+
+# Only moves and selections: fast must equal dense bitwise.
+EXACT = {"transpose", "relu", "maxmin", "groupsort", "parity"}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name,build,inputs", cases(), ids=[c[0] for c in cases()])
-def test_fast_equals_dense_bitwise(seed, name, build, inputs, dtype):
+def test_fast_equals_dense(seed, name, build, inputs, dtype):
     module = build()
-    (fast, fast_stream), (dense, dense_stream) = run_both(module, inputs(3, dtype))
-    assert torch.equal(fast, dense), (seed, name)
-    # the whole residual stream, every slot at every position, not just the outputs
+    fast, dense, fast_stream, dense_stream = run_both(module, inputs(3, dtype))
+    fast, dense = (torch.cat([t.flatten() for t in r]) if isinstance(r, tuple) else r for r in (fast, dense))
+    if name in EXACT:
+        assert torch.equal(fast, dense), (seed, name)
+    else:
+        # The same products, sums and maps on the same values; a sum of several terms may round
+        # differently in the last bit, because BLAS orders a dot product by the matrix shapes.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(fast, dense, rtol=4 * eps, atol=4 * eps * dense.abs().max().item(),
+                                   msg=f"seed {seed}, {name}")
+    # With a hook the fast execution computes the whole stream: every slot at every position.
     assert torch.equal(fast_stream, dense_stream), (seed, name)
 
 
@@ -79,7 +94,8 @@ def test_drop_in_fast_equals_dense(seed):
     fast = sim(x, x, x, key_padding_mask=mask)
     sim.execution = "dense"
     dense = sim(x, x, x, key_padding_mask=mask)
-    assert all(torch.equal(f, d) for f, d in zip(fast, dense)), seed
+    for f, d in zip(fast, dense):
+        torch.testing.assert_close(f, d, rtol=4e-7, atol=1e-7, msg=f"seed {seed}")
 
 
 def test_patterns_equal(seed):
@@ -173,8 +189,42 @@ def test_cuda_fast_equals_dense(seed, dtype):
     u = usim.UniversalSimulator(4, 4, heads=2).cuda()
     x = torch.randn(3, 4, 4, dtype=dtype, device="cuda")
     a, v = torch.randn(2, 4, 4, dtype=dtype, device="cuda") / 2, torch.randn(2, 4, 4, dtype=dtype, device="cuda")
-    (fast, _), (dense, _) = run_both(u, (x, a, v))
-    assert torch.equal(fast, dense), seed
+    fast, dense, fast_stream, dense_stream = run_both(u, (x, a, v))
+    assert torch.equal(fast_stream, dense_stream), seed
     ref = (torch.softmax(torch.einsum("bid,hde,bje->bhij", x.double(), a.double(), x.double()), -1)
            @ (x.double()[:, None] @ v.double())).sum(1)
     torch.testing.assert_close(fast.double(), ref, rtol=1e-4 if dtype == torch.float32 else 1e-10, atol=1e-5)
+
+
+def test_program_skips_dead_entries_and_is_finite(seed):
+    # The compiled program stores only the entries the result depends on, far fewer than L x W.
+    u = usim.UniversalSimulator(4, 4)
+    program = u.encoder.program()
+    assert program.size < 0.5 * u.encoder.length * u.encoder.stream_width
+    x, a, v = torch.randn(5, 4, 4), torch.randn(4, 4) / 2, torch.randn(4, 4)
+    y = u(x, a, v)
+    assert torch.isfinite(y).all(), seed
+    ref = torch.softmax(x.double() @ a.double() @ x.double().transpose(-1, -2), -1) @ (x.double() @ v.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+
+
+def test_large_batches_run_in_chunks(monkeypatch, seed):
+    import usim.engine
+
+    u = usim.MatMul(3, 4, 2)
+    a, b = torch.randn(37, 3, 4, dtype=torch.float64), torch.randn(37, 4, 2, dtype=torch.float64)
+    whole = u(a, b)
+    monkeypatch.setattr(usim.engine, "CHUNK", 1)  # one sequence per chunk
+    assert torch.equal(u(a, b), whole), seed
+    u.execution = "dense"
+    dense_chunked = u(a, b)
+    torch.testing.assert_close(dense_chunked, whole, rtol=1e-15, atol=1e-15)
+
+
+def test_caches_follow_weight_changes(seed):
+    op = usim.MatMul(2, 3, 2)
+    a, b = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 3, 2, dtype=torch.float64)
+    before = op(a, b)
+    with torch.no_grad():
+        op.encoder.layers[-1].ffn.w_out.mul_(2)  # in place: plans, programs and casts are rebuilt
+    assert torch.equal(op(a, b), 2 * before), seed

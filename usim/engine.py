@@ -28,6 +28,25 @@ EXECUTIONS = ("fast", "dense")
 CHUNK = 1 << 25
 
 
+def activate(activation: str, pre: torch.Tensor) -> torch.Tensor:
+    """One declared activation on the pre-activations (..., rows); bilinear halves the last axis."""
+    if activation == "identity":
+        return pre
+    if activation == "relu":
+        return torch.relu(pre)
+    if activation == "exp":
+        return torch.exp(pre)
+    if activation == "reciprocal":
+        return torch.reciprocal(pre)
+    a, b = pre.chunk(2, dim=-1)  # bilinear
+    return a * b
+
+
+def _versions(module: nn.Module) -> tuple:
+    """Changes whenever a buffer of the module is replaced or modified in place (cache keys)."""
+    return tuple((t.data_ptr(), t._version) for t in module.buffers())
+
+
 def _cast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.to(dtype=like.dtype, device=like.device)
 
@@ -66,7 +85,7 @@ class HardAttention(nn.Module):
     def _sparse(self, like: torch.Tensor):
         """(value read (H*d_v, R), read columns (R,), output (S, H*d_v), written columns (S,)):
         the value and output maps restricted to the stream columns they use."""
-        key = (like.dtype, like.device)
+        key = (like.dtype, like.device, _versions(self))
         if getattr(self, "_sparse_cache", (None,))[0] != key:
             heads, d_v, width = self.value.shape
             value = self.value.reshape(heads * d_v, width)
@@ -79,7 +98,7 @@ class HardAttention(nn.Module):
 
     def _tier_reads(self, like: torch.Tensor):
         """Per (head, tier): (columns, query read, key read), restricted to the columns used."""
-        key = (like.dtype, like.device)
+        key = (like.dtype, like.device, _versions(self))
         if getattr(self, "_tier_cache", (None,))[0] != key:
             reads = []
             for h in range(self.heads):
@@ -185,7 +204,7 @@ class FFN(nn.Module):
 
     def _sparse(self, like: torch.Tensor):
         """(w_in, b_in, read columns, w_out, b_out, written columns), restricted to the columns used."""
-        key = (like.dtype, like.device)
+        key = (like.dtype, like.device, _versions(self))
         if getattr(self, "_sparse_cache", (None,))[0] != key:
             reads = (self.w_in != 0).any(0).nonzero()[:, 0]
             writes = ((self.w_out != 0).any(1) | (self.b_out != 0)).nonzero()[:, 0]
@@ -197,19 +216,7 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the output at the written columns (B, L, S), those columns (S,))."""
         w_in, b_in, reads, w_out, b_out, writes = self._sparse(x)
-        pre = x[..., reads] @ w_in.T + b_in
-        if self.activation == "identity":
-            h = pre
-        elif self.activation == "relu":
-            h = torch.relu(pre)
-        elif self.activation == "exp":
-            h = torch.exp(pre)
-        elif self.activation == "reciprocal":
-            h = torch.reciprocal(pre)
-        else:  # bilinear
-            a, b = pre.split(self.hidden, dim=-1)
-            h = a * b
-        return h @ w_out.T + b_out, writes
+        return activate(self.activation, x[..., reads] @ w_in.T + b_in) @ w_out.T + b_out, writes
 
 
 class EncoderLayer(nn.Module):
@@ -295,17 +302,24 @@ class Encoder(nn.Module):
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
         self._execution = mode
 
+    def _cache(self) -> dict:
+        """Plans and programs, valid while no weight, table or readout changes (in place or not)."""
+        fingerprint = _versions(self)
+        if self.__dict__.get("_cache_key") != fingerprint:
+            self.__dict__["_cache_key"], self.__dict__["_cached"] = fingerprint, {}
+        return self.__dict__["_cached"]
+
     def plans(self, device=None) -> list:
         """The fast execution's per-layer head plans (computed once, cached per device)."""
         from usim.fast import plan_encoder
 
-        cache = self.__dict__.setdefault("_plans", {})
-        if "cpu" not in cache:
-            cache["cpu"] = plan_encoder(self)
+        cache = self._cache()
+        if "plans" not in cache:
+            cache["plans"] = plan_encoder(self)
         device = torch.device(device or "cpu")
-        if str(device) not in cache:
-            cache[str(device)] = [None if p is None else [h.to(device) for h in p] for p in cache["cpu"]]
-        return cache[str(device)]
+        if ("plans", str(device)) not in cache:
+            cache["plans", str(device)] = [None if p is None else [h.to(device) for h in p] for p in cache["plans"]]
+        return cache["plans", str(device)]
 
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
         x = _cast(self.pos_table, seq).expand(seq.shape[0], -1, -1).clone()
@@ -321,13 +335,35 @@ class Encoder(nn.Module):
             seq = seq[None]
         if seq.dim() != 2 or seq.shape[1] != self.length:
             raise ValueError(f"sequence shape {tuple(seq.shape)} does not fit length L={self.length}")
-        plans = self.plans(seq.device) if self.execution == "fast" else [None] * self.depth
-        # The batch runs in chunks so that the stream and the heads' values stay near CHUNK numbers.
-        heads = max([self.width] + [layer.attn.heads * layer.attn.value.shape[1]
-                                    for layer in self.layers if layer.attn is not None])
-        rows = max(1, CHUNK // (self.length * max(self.stream_width, heads)))
-        out = torch.cat([self._run(part, plans) for part in seq.split(rows)])
+        if self.execution == "fast" and not self._observed():
+            program = self.program(seq.dtype, seq.device)
+            rows = max(1, CHUNK // program.size)
+            out = torch.cat([program.run(part) for part in seq.split(rows)])
+        else:  # the whole stream, layer by layer (what hooks observe); fast uses the head plans
+            plans = self.plans(seq.device) if self.execution == "fast" else [None] * self.depth
+            # The batch runs in chunks so that the stream and the heads' values stay near CHUNK numbers.
+            heads = max([self.width] + [layer.attn.heads * layer.attn.value.shape[1]
+                                        for layer in self.layers if layer.attn is not None])
+            rows = max(1, CHUNK // (self.length * max(self.stream_width, heads)))
+            out = torch.cat([self._run(part, plans) for part in seq.split(rows)])
         return out[0] if unbatched else out
+
+    def _observed(self) -> bool:
+        """Whether a hook watches an intermediate (then the whole stream is computed)."""
+        return any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in
+                   [layer.hook_resid] + ([layer.attn.hook_pattern] if layer.attn is not None else []))
+
+    def program(self, dtype=torch.float64, device=None):
+        """The fast execution's compiled program (``usim.fast.Program``), cached per dtype and device."""
+        from usim.fast import compile_encoder
+
+        cache = self._cache()
+        if "program" not in cache:
+            cache["program"] = compile_encoder(self, self.plans())
+        key = ("program", dtype, str(torch.device(device or "cpu")))
+        if key not in cache:
+            cache[key] = cache["program"].to(dtype, device)
+        return cache[key]
 
     def _run(self, seq: torch.Tensor, plans: list) -> torch.Tensor:
         x = self.embed(seq)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from einops import einsum
 
 # A static tier prefix that would need more (group, key) pairs than this runs dense instead.
 MAX_PAIRS = 40_000_000
@@ -159,3 +160,233 @@ def plan_encoder(encoder) -> list[list[HeadPlan] | None]:
     return [None if layer.attn is None else
             [plan_head(layer.attn, h, static, encoder.pos_table, memo) for h in range(layer.attn.heads)]
             for layer in encoder.layers]
+
+
+# --- The compiled program: only the (slot, position) entries the result depends on ---------------
+#
+# A head or FFN writes every slot it writes at every position, but most of those entries are never
+# read again (a matmul's term slots matter only inside its output block). Going backwards from the
+# readout, the program marks the live (slot, position) entries; each head then runs only at the
+# queries where one of its outputs is live, each FFN only at the positions where one of its outputs
+# is live, and everything they read there is marked live in turn. The stream is stored as one flat
+# buffer of the live entries. Every computed entry is computed from the same inputs by the same
+# arithmetic as in the dense reference, so the result is the same; entries the result does not
+# depend on are not computed at all.
+
+
+def _nonzero_cols(w: torch.Tensor) -> torch.Tensor:
+    return (w.reshape(-1, w.shape[-1]) != 0).any(0).nonzero()[:, 0]
+
+
+@dataclass
+class HeadStep:
+    kind: str  # "gather", "candidates" or "dense"
+    queries: torch.Tensor  # (Q,) positions, for the accumulator of the layer
+    value_read: torch.Tensor  # gather: (R, Q); candidates: (R, Q, K); dense: (R, L) flat offsets
+    value_coef: torch.Tensor  # (J, R)
+    out_coef: torch.Tensor  # (S, J)
+    acc_write: torch.Tensor  # (S, Q) offsets into the layer's accumulator
+    tiers: list  # candidates/dense: per run-time tier (q_read (Rq, Q), q_coef (d_k, Rq), k_read, k_coef)
+    valid: torch.Tensor | None = None  # candidates: (Q, K)
+
+
+@dataclass
+class AttentionStep:
+    heads: list  # HeadSteps, run one at a time
+    acc_target: torch.Tensor  # (A,) flat offsets the accumulator is added to
+    # The layer's plain moves (gather heads copying one slot c_v * x into slots as c_o * (c_v * x)),
+    # all in one gather: (N,) flat offsets read, coefficients, accumulator offsets written.
+    move_read: torch.Tensor
+    move_value: torch.Tensor
+    move_out: torch.Tensor
+    move_write: torch.Tensor
+
+
+@dataclass
+class FFNStep:
+    activation: str
+    read: torch.Tensor  # (P, R) flat offsets; with ``single``, (P, rows): the one entry each row reads
+    single: bool  # every pre-activation reads at most one slot: a gather and a scale, no matmul
+    w_in: torch.Tensor  # (rows, R); with ``single``, (rows,) the coefficients
+    b_in: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+    write: torch.Tensor  # (P, S) flat offsets
+
+
+@dataclass
+class Program:
+    size: int  # live entries per sequence
+    init: torch.Tensor  # (size,) the positional table at the live entries
+    value_at: torch.Tensor  # (V,) flat offsets of the value slot ...
+    value_pos: torch.Tensor  # (V,) ... at these positions
+    steps: list
+    readout: torch.Tensor  # (L,) flat offsets read as the output sequence
+    entries: torch.Tensor  # (2, size - 1): the (slot, position) of each live entry (the last is the sink)
+
+    def to(self, dtype, device) -> "Program":
+        """The program with float tensors cast to dtype and everything on device."""
+        def move(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+            if isinstance(obj, list):
+                return [move(o) for o in obj]
+            if isinstance(obj, tuple):
+                return tuple(move(o) for o in obj)
+            if hasattr(obj, "__dataclass_fields__"):
+                return type(obj)(**{k: move(getattr(obj, k)) for k in obj.__dataclass_fields__})
+            return obj
+        return move(self)
+
+    def run(self, seq: torch.Tensor) -> torch.Tensor:
+        from usim.engine import activate
+
+        buf = self.init.expand(seq.shape[0], -1).clone()
+        buf[:, self.value_at] += seq[:, self.value_pos]
+        for step in self.steps:
+            if isinstance(step, FFNStep):
+                if step.single:  # c * x + b: what the matmul computes when its row has one nonzero
+                    pre = buf[:, step.read] * step.w_in + step.b_in  # (B, P, rows)
+                else:
+                    pre = buf[:, step.read] @ step.w_in.T + step.b_in
+                out = activate(step.activation, pre) @ step.w_out.T + step.b_out
+                buf.index_add_(1, step.write.flatten(), out.flatten(1))
+                continue
+            acc = buf.new_zeros(buf.shape[0], len(step.acc_target))
+            acc.index_add_(1, step.move_write, buf[:, step.move_read] * step.move_value * step.move_out)
+            for head in step.heads:
+                acc.index_add_(1, head.acc_write.flatten(), _head_output(buf, head).flatten(1))
+            buf.index_add_(1, step.acc_target, acc)
+        return buf[:, self.readout]
+
+
+def _head_output(buf: torch.Tensor, head: HeadStep) -> torch.Tensor:
+    """(B, S, Q): a head's contribution to its written slots at its queries."""
+    values = einsum(head.value_coef, buf[:, head.value_read], "j r, b r ... -> b j ...")
+    if head.kind == "gather":
+        mean = values  # (B, J, Q)
+    else:
+        keep = None if head.valid is None else head.valid.expand(buf.shape[0], -1, -1)
+        for q_read, q_coef, k_read, k_coef in head.tiers:
+            q = einsum(q_coef, buf[:, q_read], "d r, b r q -> b q d")
+            k = einsum(k_coef, buf[:, k_read], "d r, b r ... -> b ... d")
+            s = q @ k.transpose(-1, -2) if head.kind == "dense" else einsum(q, k, "b q d, b q c d -> b q c")
+            if keep is not None:
+                s = s.masked_fill(~keep, float("-inf"))
+            best = s == s.amax(dim=-1, keepdim=True)
+            keep = best if keep is None else keep & best
+        keep = keep.to(buf.dtype)
+        count = keep.sum(dim=-1)[:, None]  # (B, 1, Q)
+        if head.kind == "dense":
+            mean = einsum(keep, values, "b q l, b j l -> b j q") / count
+        else:
+            mean = einsum(keep, values, "b q c, b j q c -> b j q") / count
+    return einsum(head.out_coef, mean, "s j, b j q -> b s q")
+
+
+def compile_encoder(encoder, plans) -> Program:
+    """The program of an encoder (see above), from its weights and its head plans."""
+    width, length = encoder.stream_width, encoder.length
+    live = torch.zeros(width, length, dtype=torch.bool)
+    live[encoder.readout.cpu(), torch.arange(length)] = True
+    needs = []  # per layer (reverse order): the read requests, resolved to offsets once live is known
+    for layer, layer_plans in zip(reversed(encoder.layers), reversed(plans)):
+        entry = {}
+        if layer.ffn is not None:
+            f = layer.ffn
+            writes = ((f.w_out != 0).any(1) | (f.b_out != 0)).nonzero()[:, 0].cpu()
+            positions = live[writes].any(0).nonzero()[:, 0]
+            if len(positions):
+                reads = _nonzero_cols(f.w_in).cpu()
+                live[reads[:, None], positions] = True
+                entry["ffn"] = (positions, reads, writes)
+        if layer.attn is not None:
+            a = layer.attn
+            after = live.clone()
+            heads = []
+            for h, plan in enumerate(layer_plans if layer_plans is not None else [None] * a.heads):
+                outs = _nonzero_cols(a.output[h].T).cpu()
+                queries = after[outs].any(0).nonzero()[:, 0]
+                if not len(queries):
+                    continue
+                kind = "dense" if plan is None else plan.kind
+                vreads = _nonzero_cols(a.value[h]).cpu()
+                first = 0 if plan is None else plan.first_dynamic
+                if kind == "gather":
+                    keys = plan.index[queries]
+                elif kind == "candidates":
+                    keys = plan.index[queries]
+                else:
+                    keys = torch.arange(length)
+                live[vreads[:, None], keys.flatten()] = True
+                tiers = []
+                if kind != "gather":
+                    for t in range(first, a.tiers):
+                        qr, kr = _nonzero_cols(a.query[h, t]).cpu(), _nonzero_cols(a.key[h, t]).cpu()
+                        live[qr[:, None], queries] = True
+                        live[kr[:, None], keys.flatten()] = True
+                        tiers.append((qr, kr, t))
+                heads.append((h, kind, queries, keys, vreads, outs, tiers, plan))
+            if heads:
+                entry["attn"] = heads
+        needs.append(entry)
+
+    size = int(live.sum())
+    where = torch.full((width, length), size, dtype=torch.long)  # entry ``size``: a sink for dead writes
+    where[live] = torch.arange(size)
+    value = encoder.slots.index("value")
+    value_pos = live[value].nonzero()[:, 0]
+
+    def offsets(slots, positions, reading=True):  # (len(slots), *positions.shape)
+        found = where[slots][:, positions.flatten()].reshape(len(slots), *positions.shape)
+        if reading and (found == size).any():
+            raise RuntimeError("usim.fast: a read of an entry that is not live (a bug in the liveness pass)")
+        return found
+
+    steps = []
+    for layer, entry in zip(encoder.layers, reversed(needs)):
+        if "attn" in entry:
+            a = layer.attn
+            written = torch.zeros(width, length, dtype=torch.bool)
+            for h, kind, queries, keys, vreads, outs, tiers, plan in entry["attn"]:
+                written[outs[:, None], queries] = True
+            acc_index = torch.full((width, length), -1, dtype=torch.long)
+            acc_index[written] = torch.arange(int(written.sum()))
+            acc_target = where[written]  # dead entries go to the sink
+            head_steps, moves = [], []
+            for h, kind, queries, keys, vreads, outs, tiers, plan in entry["attn"]:
+                value_coef, out_coef = a.value[h][:, vreads].double().cpu(), a.output[h][outs].double().cpu()
+                terms = (out_coef != 0) & (value_coef != 0).T  # (S, J): slot s gets move j
+                if kind == "gather" and len(vreads) == 1 and bool((terms.sum(1) == 1).all()):
+                    read = offsets(vreads, keys)[0]
+                    for s, j in terms.nonzero().tolist():
+                        moves.append((read, value_coef[j, 0].expand(len(read)), out_coef[s, j].expand(len(read)),
+                                      acc_index[outs[s], queries]))
+                    continue
+                tier_reads = []
+                for qr, kr, t in tiers:
+                    tier_reads.append((offsets(qr, queries), a.query[h, t][:, qr].double().cpu(),
+                                       offsets(kr, keys), a.key[h, t][:, kr].double().cpu()))
+                head_steps.append(HeadStep(
+                    kind=kind, queries=queries, value_read=offsets(vreads, keys), value_coef=value_coef,
+                    out_coef=out_coef, acc_write=acc_index[outs][:, queries], tiers=tier_reads,
+                    valid=plan.valid[queries] if kind == "candidates" else None))
+            move = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+                    for parts, dtype in zip(zip(*moves) if moves else [[]] * 4,
+                                            (torch.long, torch.float64, torch.float64, torch.long))]
+            steps.append(AttentionStep(head_steps, acc_target, *move))
+        if "ffn" in entry:
+            f = layer.ffn
+            positions, reads, writes = entry["ffn"]
+            w_in = f.w_in[:, reads].double().cpu()
+            read = offsets(reads, positions).T  # (P, R)
+            single = bool(((w_in != 0).sum(1) <= 1).all())
+            if single:  # rows without a read get coefficient 0 on a live (finite) entry
+                column = (w_in != 0).int().argmax(1)
+                read, w_in = read[:, column], w_in[torch.arange(len(w_in)), column]
+            steps.append(FFNStep(f.activation, read, single, w_in,
+                                 f.b_in.double().cpu(), f.w_out[writes].double().cpu(), f.b_out[writes].double().cpu(),
+                                 offsets(writes, positions, reading=False).T))
+    readout = where[encoder.readout.cpu(), torch.arange(length)]
+    init = torch.cat([encoder.pos_table.cpu().double().T[live], torch.zeros(1, dtype=torch.float64)])
+    return Program(size + 1, init, where[value, value_pos], value_pos, steps, readout, live.nonzero().T)
