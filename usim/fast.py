@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
-# A static tier prefix that would need more (group, key) pairs than this runs dense instead.
+# A head whose static tiers would score more (query group, key) pairs than MAX_SCORED, or keep
+# more than MAX_PAIRS, runs dense instead; pairs are scored PAIR_CHUNK at a time.
+MAX_SCORED = 1_000_000_000
 MAX_PAIRS = 40_000_000
+PAIR_CHUNK = 1 << 22
 # A head whose static tiers leave some query more candidates than this (or than L / 4) runs dense.
 MAX_CANDIDATES = 512
 
@@ -81,28 +84,50 @@ def _row_codes(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     return codes, size
 
 
-def _refine(state, qf: torch.Tensor, kf: torch.Tensor):
+def _split(group: torch.Tensor, qf: torch.Tensor, memo: dict):
+    """Queries grouped by (old group, features qf): (new group (L,), count, parent, representative).
+    Constant feature columns split nothing, so heads that differ only in constants share the work."""
+    varying = qf[:, (qf != qf[:1]).any(0)]
+    name = ("split", id(group), varying.numpy().tobytes())
+    if name not in memo:
+        new_group, groups = _row_codes(torch.cat([group[:, None].double(), varying], dim=1))
+        parent = torch.empty(groups, dtype=torch.long).scatter_(0, new_group, group)
+        representative = torch.empty(groups, dtype=torch.long).scatter_(0, new_group, torch.arange(len(group)))
+        memo[name] = (group, new_group, groups, parent, representative)  # keeps group alive: id stays unique
+    return memo[name][1:]
+
+
+def _refine(state, qf: torch.Tensor, kf: torch.Tensor, memo: dict):
     """One static tier: split the query groups by their features qf, keep each group's best keys.
 
     state = (group (L,) of each query, pair_group, pair_key sorted by group, number of groups);
-    returns the new state, or None when the pairs would exceed MAX_PAIRS."""
+    returns the new state, or None when there would be too many pairs."""
     group, pair_group, pair_key, groups = state
-    new_group, new_groups = _row_codes(torch.cat([group[:, None].double(), qf], dim=1))
-    parent = torch.empty(new_groups, dtype=torch.long).scatter_(0, new_group, group)
-    representative = torch.empty(new_groups, dtype=torch.long).scatter_(0, new_group, torch.arange(len(group)))
+    new_group, new_groups, parent, representative = _split(group, qf, memo)
     count = torch.bincount(pair_group, minlength=groups)
     start = torch.cumsum(count, 0) - count
     n_new = count[parent]
-    total = int(n_new.sum())
-    if total > MAX_PAIRS:
+    if int(n_new.sum()) > MAX_SCORED:
         return None
-    child = torch.repeat_interleave(n_new)
-    offset = torch.arange(total) - (torch.cumsum(n_new, 0) - n_new)[child]
-    key = pair_key[start[parent][child] + offset]
-    score = (qf[representative][child] * kf[key]).sum(-1)  # exact: small integers
-    best = torch.full((new_groups,), float("-inf"), dtype=torch.float64).scatter_reduce(0, child, score, "amax")
-    kept = score == best[child]
-    return new_group, child[kept], key[kept], new_groups
+    kept_group, kept_key, first = [], [], 0
+    ends = torch.cumsum(n_new, 0)
+    while first < new_groups:  # children in chunks of about PAIR_CHUNK scored pairs
+        last = max(first + 1, int(torch.searchsorted(ends, ends[first] - n_new[first] + PAIR_CHUNK)))
+        n = n_new[first:last]
+        child = first + torch.repeat_interleave(n)
+        offset = torch.arange(len(child)) - (torch.cumsum(n, 0) - n)[child - first]
+        key = pair_key[start[parent][child] + offset]
+        score = (qf[representative[child]] * kf[key]).sum(-1)  # exact: small integers
+        best = torch.full((last - first,), float("-inf"), dtype=torch.float64)
+        best = best.scatter_reduce(0, child - first, score, "amax")
+        kept = score == best[child - first]
+        kept_group.append(child[kept])
+        kept_key.append(key[kept])
+        first = last
+    pair_group, pair_key = torch.cat(kept_group), torch.cat(kept_key)
+    if len(pair_key) > MAX_PAIRS:
+        return None
+    return new_group, pair_group, pair_key, new_groups
 
 
 def _static_prefix(features, length: int, memo: dict):
@@ -113,7 +138,7 @@ def _static_prefix(features, length: int, memo: dict):
     for qf, kf in features:
         name += (qf.numpy().tobytes(), kf.numpy().tobytes())
         if name not in memo:
-            memo[name] = None if state is None else _refine(state, qf, kf)
+            memo[name] = None if state is None else _refine(state, qf, kf, memo)
         state = memo[name]
     return state
 
@@ -127,15 +152,21 @@ def plan_head(attn, head: int, static: torch.Tensor, pos_table: torch.Tensor, me
         if (_reads(query[t]) & ~static).any() or (_reads(key[t]) & ~static).any():
             first_dynamic = t
             break
-    pos = pos_table.cpu().double()
-    length = pos.shape[0]
+    memo = {} if memo is None else memo
+    if "columns" not in memo:
+        memo["columns"] = pos_table.cpu().double().T.contiguous()  # (W, L)
+    columns = memo["columns"]
+    length = columns.shape[1]
 
     def features(w):  # (L, d_k): the static features a tier's read w (d_k, W) sees
-        used = _reads(w)
-        return pos[:, used] @ w[:, used].T
+        used = _reads(w).nonzero()[:, 0]
+        name = ("features", used.numpy().tobytes(), w[:, used].numpy().tobytes())
+        if name not in memo:
+            memo[name] = (w[:, used] @ columns[used]).T.contiguous()
+        return memo[name]
 
     prefix = _static_prefix([(features(query[t]), features(key[t])) for t in range(first_dynamic)],
-                            length, {} if memo is None else memo)
+                            length, memo)
     if prefix is None:
         return HeadPlan("dense")
     group, pair_group, pair_key, groups = prefix
