@@ -97,6 +97,40 @@ def _split(group: torch.Tensor, qf: torch.Tensor, memo: dict):
     return memo[name][1:]
 
 
+def _match_form(qf: torch.Tensor, kf: torch.Tensor):
+    """The other columns if the tier is a ``match`` (score = sum 2 e_i k_i - sum k_i^2, i.e.
+    -|k - e|^2 up to a per-query constant: a query column of -1s against the keys' sum of squares),
+    else None. Then the keys equal to e are the best ones whenever there is one."""
+    for c in range(qf.shape[1]):
+        others = [i for i in range(qf.shape[1]) if i != c]
+        if bool((qf[:, c] == -1).all()) and torch.equal(kf[:, c], (kf[:, others] ** 2).sum(1)):
+            return others
+    return None
+
+
+def _best_pairs(children, parent, representative, start, count, pair_key, qf, kf):
+    """For each child group, its parent's candidate keys with the best score: (child, key) pairs."""
+    n_new = count[parent[children]]
+    ends = torch.cumsum(n_new, 0)
+    kept_child, kept_key, first = [], [], 0
+    while first < len(children):  # children in chunks of about PAIR_CHUNK scored pairs
+        last = max(first + 1, int(torch.searchsorted(ends, ends[first] - n_new[first] + PAIR_CHUNK)))
+        n = n_new[first:last]
+        local = torch.repeat_interleave(n)
+        child = children[first:last][local]
+        offset = torch.arange(len(local)) - (torch.cumsum(n, 0) - n)[local]
+        key = pair_key[start[parent[child]] + offset]
+        score = (qf[representative[child]] * kf[key]).sum(-1)  # exact: small integers
+        best = torch.full((last - first,), float("-inf"), dtype=torch.float64)
+        best = best.scatter_reduce(0, local, score, "amax")
+        kept = score == best[local]
+        kept_child.append(child[kept])
+        kept_key.append(key[kept])
+        first = last
+    empty = torch.zeros(0, dtype=torch.long)
+    return torch.cat(kept_child) if kept_child else empty, torch.cat(kept_key) if kept_key else empty
+
+
 def _refine(state, qf: torch.Tensor, kf: torch.Tensor, memo: dict):
     """One static tier: split the query groups by their features qf, keep each group's best keys.
 
@@ -106,25 +140,29 @@ def _refine(state, qf: torch.Tensor, kf: torch.Tensor, memo: dict):
     new_group, new_groups, parent, representative = _split(group, qf, memo)
     count = torch.bincount(pair_group, minlength=groups)
     start = torch.cumsum(count, 0) - count
-    n_new = count[parent]
-    if int(n_new.sum()) > MAX_SCORED:
+    children = torch.arange(new_groups)
+    found_child, found_key = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    others = _match_form(qf, kf)
+    if others is not None:  # exact matches by a join on (parent group, features); the rest by scoring
+        target = qf[representative][:, others] / 2
+        rows = torch.cat([torch.cat([parent[:, None].double(), target], 1),
+                          torch.cat([pair_group[:, None].double(), kf[pair_key][:, others]], 1)])
+        codes, _ = _row_codes(rows)
+        child_code, pair_code = codes[:new_groups], codes[new_groups:]
+        order = torch.argsort(pair_code, stable=True)
+        sorted_code = pair_code[order]
+        low = torch.searchsorted(sorted_code, child_code)
+        hits = torch.searchsorted(sorted_code, child_code, right=True) - low
+        local = torch.repeat_interleave(hits)
+        found_child = children[local]
+        found_key = pair_key[order[low[local] + torch.arange(len(local)) - (torch.cumsum(hits, 0) - hits)[local]]]
+        children = children[hits == 0]
+    if int(count[parent[children]].sum()) > MAX_SCORED:
         return None
-    kept_group, kept_key, first = [], [], 0
-    ends = torch.cumsum(n_new, 0)
-    while first < new_groups:  # children in chunks of about PAIR_CHUNK scored pairs
-        last = max(first + 1, int(torch.searchsorted(ends, ends[first] - n_new[first] + PAIR_CHUNK)))
-        n = n_new[first:last]
-        child = first + torch.repeat_interleave(n)
-        offset = torch.arange(len(child)) - (torch.cumsum(n, 0) - n)[child - first]
-        key = pair_key[start[parent][child] + offset]
-        score = (qf[representative[child]] * kf[key]).sum(-1)  # exact: small integers
-        best = torch.full((last - first,), float("-inf"), dtype=torch.float64)
-        best = best.scatter_reduce(0, child - first, score, "amax")
-        kept = score == best[child - first]
-        kept_group.append(child[kept])
-        kept_key.append(key[kept])
-        first = last
-    pair_group, pair_key = torch.cat(kept_group), torch.cat(kept_key)
+    scored_child, scored_key = _best_pairs(children, parent, representative, start, count, pair_key, qf, kf)
+    pair_group, pair_key = torch.cat([found_child, scored_child]), torch.cat([found_key, scored_key])
+    order = torch.argsort(pair_group, stable=True)
+    pair_group, pair_key = pair_group[order], pair_key[order]
     if len(pair_key) > MAX_PAIRS:
         return None
     return new_group, pair_group, pair_key, new_groups
