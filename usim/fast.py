@@ -174,7 +174,7 @@ def _static_prefix(features, length: int, memo: dict):
     state = (torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long), torch.arange(length), 1)
     name = ()
     for qf, kf in features:
-        name += (qf.numpy().tobytes(), kf.numpy().tobytes())
+        name += (id(qf), id(kf))  # features are memoised: one tensor per distinct feature
         if name not in memo:
             memo[name] = None if state is None else _refine(state, qf, kf, memo)
         state = memo[name]
