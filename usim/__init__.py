@@ -5,12 +5,12 @@ from usim.engine import Encoder
 from usim.layout import Block, Layout
 from usim.mha import SimulatedMultiheadAttention
 from usim.ops import (Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
-                      SimulatedGroupSortNetwork, SimulatedLinearAttention, SimulatedLinformer,
-                      SimulatedParity, Softmax, Transpose, UniversalSimulator)
+                      SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
+                      SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
 
 __version__ = "0.1.0"
 
 __all__ = ["Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
-           "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedLinearAttention", "SimulatedLinformer",
-           "SimulatedMultiheadAttention", "SimulatedParity", "Softmax", "Transpose", "UniversalSimulator",
-           "load", "save"]
+           "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
+           "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
+           "Softmax", "Transpose", "UniversalSimulator", "load", "save"]

@@ -5,6 +5,7 @@ from usim.ops.determinant import Determinant
 from usim.ops.groupsort import GroupSort
 from usim.ops.groupsort_network import SimulatedGroupSortNetwork
 from usim.ops.inverse import Inverse
+from usim.ops.inverse_simulator import SimulatedInverseAttention
 from usim.ops.linear_attention import SimulatedLinearAttention
 from usim.ops.linformer import SimulatedLinformer
 from usim.ops.matmul import MatMul
@@ -16,5 +17,5 @@ from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
 __all__ = ["Construction", "Determinant", "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU",
-           "SimulatedGroupSortNetwork", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
+           "SimulatedGroupSortNetwork", "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
            "Softmax", "Transpose", "UniversalSimulator"]
