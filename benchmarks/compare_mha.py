@@ -100,8 +100,10 @@ def one(order: int, args) -> list[dict]:
         first = time.perf_counter() - start
         with torch.no_grad():
             t = timed(lambda: u(x, a, v), device, args.repeats if mode == "fast" else 1)
+            again = u(x, a, v)
         rows.append({**base, "method": f"U {mode}", "time_s": t, "max_err": error(y), "build_s": build,
-                     "first_call_s": first, "L": u.encoder.length, "depth": u.depth, "width": u.width})
+                     "first_call_s": first, "L": u.encoder.length, "depth": u.depth, "width": u.width,
+                     "repeatable": bool(torch.equal(y, again))})
         del u
 
     if order <= args.drop_in_max:
