@@ -80,8 +80,24 @@ class Construction(nn.Module):
                     raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
         return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
 
+    def check_matrices(self, **tensors) -> None:
+        """Each keyword is a tensor whose last two axes must equal the shape of the input block of
+        the same name (TypeError / ValueError naming the argument and the shapes otherwise)."""
+        for name, t in tensors.items():
+            shape = self.layout[name].shape
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 2 or tuple(t.shape[-2:]) != shape:
+                raise ValueError(f"this {self.title} needs {name}: expected shape (..., {shape[0]}, {shape[1]}), "
+                                 f"got {tuple(t.shape)}")
+
+    @property
+    def title(self) -> str:
+        """The kind and constructor arguments, e.g. ``MatMul(n=2, m=3, p=4)``."""
+        return f"{self.kind}({', '.join(f'{k}={v}' for k, v in self.args.items())})"
+
     def describe(self) -> str:
-        return describe(self.encoder, title=f"{self.kind}({', '.join(f'{k}={v}' for k, v in self.args.items())})")
+        return describe(self.encoder, title=self.title)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.args.items()) + f", depth={self.depth}, width={self.width}"

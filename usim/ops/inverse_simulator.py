@@ -78,14 +78,7 @@ class SimulatedInverseAttention(Construction):
         super().__init__(b.build(), layout, {"n": n, "d": d}, execution=execution)
 
     def forward(self, x, a, v, m):
-        n, d = self.args["n"], self.args["d"]
-        expected = {"x": (n, d), "a": (d, d), "v": (d, d), "m": (d, d)}
-        for (name, shape), t in zip(expected.items(), (x, a, v, m)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() < 2 or tuple(t.shape[-2:]) != shape:
-                raise ValueError(f"this SimulatedInverseAttention(n={n}, d={d}) needs {name}: expected shape "
-                                 f"(..., {shape[0]}, {shape[1]}), got {tuple(t.shape)}")
+        self.check_matrices(x=x, a=a, v=v, m=m)
         y, zero_pivots = self.run(x, a, v, m)
         if (zero_pivots != 0).any():
             raise ValueError("m is singular: Gauss-Jordan elimination met an exactly-zero pivot")

@@ -102,14 +102,7 @@ class SimulatedLinearAttention(Construction):
         super().__init__(b.build(), layout, {"n": n, "d": d}, execution=execution)
 
     def forward(self, x, w_q, w_k, w_v):
-        n, d = self.args["n"], self.args["d"]
-        expected = {"x": (n, d), "w_q": (d, d), "w_k": (d, d), "w_v": (d, d)}
-        for (name, shape), t in zip(expected.items(), (x, w_q, w_k, w_v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() < 2 or tuple(t.shape[-2:]) != shape:
-                raise ValueError(f"this SimulatedLinearAttention(n={n}, d={d}) needs {name}: expected shape "
-                                 f"(..., {shape[0]}, {shape[1]}), got {tuple(t.shape)}")
+        self.check_matrices(x=x, w_q=w_q, w_k=w_k, w_v=w_v)
         y = self.run(x, w_q, w_k, w_v)
         if not torch.isfinite(y).all():
             raise ValueError("linear attention is undefined for this input: a denominator "

@@ -79,12 +79,5 @@ class SimulatedLinformer(Construction):
         super().__init__(b.build(), layout, {"n": n, "d": d, "k": k}, execution=execution)
 
     def forward(self, x, a, v, e, f):
-        n, d, k = self.args["n"], self.args["d"], self.args["k"]
-        expected = {"x": (n, d), "a": (d, d), "v": (d, d), "e": (k, n), "f": (k, n)}
-        for (name, shape), t in zip(expected.items(), (x, a, v, e, f)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() < 2 or tuple(t.shape[-2:]) != shape:
-                raise ValueError(f"this SimulatedLinformer(n={n}, d={d}, k={k}) needs {name}: expected shape "
-                                 f"(..., {shape[0]}, {shape[1]}), got {tuple(t.shape)}")
+        self.check_matrices(x=x, a=a, v=v, e=e, f=f)
         return self.run(x, a, v, e, f)
