@@ -13,6 +13,11 @@ positional penalty in one float sum, so no precision is lost. Most heads have a 
 
 The residual stream has one scalar slot per name (``Encoder.slots``); the constructions in
 ``usim.construct`` read and write slots by name.
+
+Two executions of the same weights (``Encoder.execution``): "dense", the reference, scores all
+L x L pairs of every head; "fast" (default) plans the position-only selections once and runs only
+the entries the result depends on (``usim.fast``). Each sublayer reads and writes only the stream
+columns its weights use: the other columns would only add exact zeros.
 """
 
 from __future__ import annotations
