@@ -73,6 +73,28 @@ def _reads(w: torch.Tensor) -> torch.Tensor:
     return (w.reshape(-1, w.shape[-1]) != 0).any(0).cpu()
 
 
+class Memo:
+    """Shared planning work between heads, keyed by content digests, oldest entries dropped beyond
+    a byte budget (a U at d = 64 has thousands of heads; most prefixes are used once)."""
+
+    def __init__(self, budget: int = 1 << 28):
+        self.entries: dict = {}
+        self.sizes: dict = {}
+        self.budget, self.total = budget, 0
+
+    def get(self, name, make):
+        if name not in self.entries:
+            value = make()
+            size = sum(t.nbytes for t in (value or ()) if isinstance(t, torch.Tensor))
+            self.entries[name], self.sizes[name] = value, size
+            self.total += size
+            while self.total > self.budget and len(self.entries) > 1:
+                oldest = next(iter(self.entries))
+                self.total -= self.sizes.pop(oldest)
+                del self.entries[oldest]
+        return self.entries[name]
+
+
 def _row_codes(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Equal rows -> equal codes 0..U-1 (a faster torch.unique(dim=0) for a few columns)."""
     codes = torch.zeros(rows.shape[0], dtype=torch.long)
@@ -84,17 +106,21 @@ def _row_codes(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
     return codes, size
 
 
-def _split(group: torch.Tensor, qf: torch.Tensor, memo: dict):
+def _split(state_name, group: torch.Tensor, qf, memo: Memo):
     """Queries grouped by (old group, features qf): (new group (L,), count, parent, representative).
-    Constant feature columns split nothing, so heads that differ only in constants share the work."""
-    varying = qf[:, (qf != qf[:1]).any(0)]
-    name = ("split", id(group), varying.numpy().tobytes())
-    if name not in memo:
-        new_group, groups = _row_codes(torch.cat([group[:, None].double(), varying], dim=1))
+    Constant feature columns split nothing, so heads that differ only in constants share the work.
+    qf = (definition, features (L, d_k), used columns, coefficients); state_name names group."""
+    _, values, used, coef = qf
+    varying = (values != values[:1]).any(0)
+
+    def make():
+        new_group, groups = _row_codes(torch.cat([group[:, None].double(), values[:, varying]], dim=1))
         parent = torch.empty(groups, dtype=torch.long).scatter_(0, new_group, group)
         representative = torch.empty(groups, dtype=torch.long).scatter_(0, new_group, torch.arange(len(group)))
-        memo[name] = (group, new_group, groups, parent, representative)  # keeps group alive: id stays unique
-    return memo[name][1:]
+        return new_group, groups, parent, representative
+
+    definition = used.numpy().tobytes() + coef[varying].numpy().tobytes()
+    return memo.get(("split", state_name, definition), make)
 
 
 def _match_form(qf: torch.Tensor, kf: torch.Tensor):
@@ -131,13 +157,15 @@ def _best_pairs(children, parent, representative, start, count, pair_key, qf, kf
     return torch.cat(kept_child) if kept_child else empty, torch.cat(kept_key) if kept_key else empty
 
 
-def _refine(state, qf: torch.Tensor, kf: torch.Tensor, memo: dict):
+def _refine(state, state_name, qf, kf, memo: Memo):
     """One static tier: split the query groups by their features qf, keep each group's best keys.
 
     state = (group (L,) of each query, pair_group, pair_key sorted by group, number of groups);
-    returns the new state, or None when there would be too many pairs."""
+    qf, kf = (definition, features (L, d_k), used columns, coefficients); returns the new state, or
+    None when there would be too many pairs."""
     group, pair_group, pair_key, groups = state
-    new_group, new_groups, parent, representative = _split(group, qf, memo)
+    new_group, new_groups, parent, representative = _split(state_name, group, qf, memo)
+    qf, kf = qf[1], kf[1]
     count = torch.bincount(pair_group, minlength=groups)
     start = torch.cumsum(count, 0) - count
     children = torch.arange(new_groups)
@@ -168,20 +196,21 @@ def _refine(state, qf: torch.Tensor, kf: torch.Tensor, memo: dict):
     return new_group, pair_group, pair_key, new_groups
 
 
-def _static_prefix(features, length: int, memo: dict):
-    """The state after the static tiers (see _refine); features[t] = (qf, kf) of tier t as
-    (L, d_k) float64 exact features. memo shares prefixes between heads; None = too many pairs."""
+def _static_prefix(features, length: int, memo: Memo):
+    """The state after the static tiers (see _refine); features[t] = (qf, kf) of tier t, each
+    (definition, features (L, d_k) float64 exact, used columns, coefficients). memo shares prefixes
+    between heads, by definition; None = too many pairs."""
     state = (torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long), torch.arange(length), 1)
-    name = ()
+    name = ("prefix",)
     for qf, kf in features:
-        name += (id(qf), id(kf))  # features are memoised: one tensor per distinct feature
-        if name not in memo:
-            memo[name] = None if state is None else _refine(state, qf, kf, memo)
-        state = memo[name]
+        previous, name = name, name + (qf[0], kf[0])
+        state = memo.get(name, lambda state=state, previous=previous, qf=qf, kf=kf: None if state is None
+                         else _refine(state, previous, qf, kf, memo))
     return state
 
 
-def plan_head(attn, head: int, static: torch.Tensor, pos_table: torch.Tensor, memo: dict | None = None) -> HeadPlan:
+def plan_head(attn, head: int, static: torch.Tensor, pos_table: torch.Tensor, memo: Memo | None = None,
+              columns: torch.Tensor | None = None) -> HeadPlan:
     """The plan of one head of a HardAttention module (see the module docstring)."""
     query, key = attn.query[head].cpu(), attn.key[head].cpu()  # (T, d_k, W)
     tiers = query.shape[0]
@@ -190,18 +219,14 @@ def plan_head(attn, head: int, static: torch.Tensor, pos_table: torch.Tensor, me
         if (_reads(query[t]) & ~static).any() or (_reads(key[t]) & ~static).any():
             first_dynamic = t
             break
-    memo = {} if memo is None else memo
-    if "columns" not in memo:
-        memo["columns"] = pos_table.cpu().double().T.contiguous()  # (W, L)
-    columns = memo["columns"]
+    memo = Memo() if memo is None else memo
+    columns = pos_table.cpu().double().T.contiguous() if columns is None else columns  # (W, L)
     length = columns.shape[1]
 
-    def features(w):  # (L, d_k): the static features a tier's read w (d_k, W) sees
+    def features(w):  # the static features (L, d_k) a tier's read w (d_k, W) sees, with their definition
         used = _reads(w).nonzero()[:, 0]
-        name = ("features", used.numpy().tobytes(), w[:, used].numpy().tobytes())
-        if name not in memo:
-            memo[name] = (w[:, used] @ columns[used]).T.contiguous()
-        return memo[name]
+        coef = w[:, used]
+        return used.numpy().tobytes() + coef.numpy().tobytes(), columns[used].T @ coef.T, used, coef
 
     prefix = _static_prefix([(features(query[t]), features(key[t])) for t in range(first_dynamic)],
                             length, memo)
@@ -225,9 +250,10 @@ def plan_head(attn, head: int, static: torch.Tensor, pos_table: torch.Tensor, me
 
 def plan_encoder(encoder) -> list[list[HeadPlan] | None]:
     """Per layer, the plan of each attention head (None for a layer without attention)."""
-    static, memo = static_slots(encoder), {}
+    static, memo = static_slots(encoder), Memo()
+    columns = encoder.pos_table.cpu().double().T.contiguous()  # (W, L)
     return [None if layer.attn is None else
-            [plan_head(layer.attn, h, static, encoder.pos_table, memo) for h in range(layer.attn.heads)]
+            [plan_head(layer.attn, h, static, encoder.pos_table, memo, columns) for h in range(layer.attn.heads)]
             for layer in encoder.layers]
 
 
@@ -401,13 +427,14 @@ def compile_encoder(encoder, plans) -> Program:
         needs.append(entry)
 
     size = int(live.sum())
-    where = torch.full((width, length), size, dtype=torch.long)  # entry ``size``: a sink for dead writes
-    where[live] = torch.arange(size)
+    # int32 tables (width x length can be large); offsets are taken out as int64
+    where = torch.full((width, length), size, dtype=torch.int32)  # entry ``size``: a sink for dead writes
+    where[live] = torch.arange(size, dtype=torch.int32)
     value = encoder.slots.index("value")
     value_pos = live[value].nonzero()[:, 0]
 
     def offsets(slots, positions, reading=True):  # (len(slots), *positions.shape)
-        found = where[slots][:, positions.flatten()].reshape(len(slots), *positions.shape)
+        found = where[slots][:, positions.flatten()].reshape(len(slots), *positions.shape).long()
         if reading and (found == size).any():
             raise RuntimeError("usim.fast: a read of an entry that is not live (a bug in the liveness pass)")
         return found
@@ -419,9 +446,9 @@ def compile_encoder(encoder, plans) -> Program:
             written = torch.zeros(width, length, dtype=torch.bool)
             for h, kind, queries, keys, vreads, outs, tiers, plan in entry["attn"]:
                 written[outs[:, None], queries] = True
-            acc_index = torch.full((width, length), -1, dtype=torch.long)
-            acc_index[written] = torch.arange(int(written.sum()))
-            acc_target = where[written]  # dead entries go to the sink
+            acc_index = torch.full((width, length), -1, dtype=torch.int32)
+            acc_index[written] = torch.arange(int(written.sum()), dtype=torch.int32)
+            acc_target = where[written].long()  # dead entries go to the sink
             head_steps, moves = [], []
             for h, kind, queries, keys, vreads, outs, tiers, plan in entry["attn"]:
                 value_coef, out_coef = a.value[h][:, vreads].double().cpu(), a.output[h][outs].double().cpu()
@@ -430,7 +457,7 @@ def compile_encoder(encoder, plans) -> Program:
                     read = offsets(vreads, keys)[0]
                     for s, j in terms.nonzero().tolist():
                         moves.append((read, value_coef[j, 0].expand(len(read)), out_coef[s, j].expand(len(read)),
-                                      acc_index[outs[s], queries]))
+                                      acc_index[outs[s], queries].long()))
                     continue
                 tier_reads = []
                 for qr, kr, t in tiers:
@@ -438,7 +465,7 @@ def compile_encoder(encoder, plans) -> Program:
                                        offsets(kr, keys), a.key[h, t][:, kr].double().cpu()))
                 head_steps.append(HeadStep(
                     kind=kind, queries=queries, value_read=offsets(vreads, keys), value_coef=value_coef,
-                    out_coef=out_coef, acc_write=acc_index[outs][:, queries], tiers=tier_reads,
+                    out_coef=out_coef, acc_write=acc_index[outs][:, queries].long(), tiers=tier_reads,
                     valid=plan.valid[queries] if kind == "candidates" else None))
             move = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
                     for parts, dtype in zip(zip(*moves) if moves else [[]] * 4,
@@ -456,6 +483,6 @@ def compile_encoder(encoder, plans) -> Program:
             steps.append(FFNStep(f.activation, read, single, w_in,
                                  f.b_in.double().cpu(), f.w_out[writes].double().cpu(), f.b_out[writes].double().cpu(),
                                  offsets(writes, positions, reading=False).T))
-    readout = where[encoder.readout.cpu(), torch.arange(length)]
+    readout = where[encoder.readout.cpu(), torch.arange(length)].long()
     init = torch.cat([encoder.pos_table.cpu().double().T[live], torch.zeros(1, dtype=torch.float64)])
-    return Program(size + 1, init, where[value, value_pos], value_pos, steps, readout, live.nonzero().T)
+    return Program(size + 1, init, where[value, value_pos].long(), value_pos, steps, readout, live.nonzero().T)
