@@ -295,6 +295,7 @@ class AttentionStep:
     move_value: torch.Tensor
     move_out: torch.Tensor
     move_write: torch.Tensor
+    unit_moves: bool  # every move coefficient is 1: plain copies
 
 
 @dataclass
@@ -348,7 +349,10 @@ class Program:
                 buf.index_add_(1, step.write.flatten(), out.flatten(1))
                 continue
             acc = buf.new_zeros(buf.shape[0], len(step.acc_target))
-            acc.index_add_(1, step.move_write, buf[:, step.move_read] * step.move_value * step.move_out)
+            moved = buf[:, step.move_read]
+            if not step.unit_moves:  # c_o * (c_v * x), as the dense head computes it
+                moved = moved * step.move_value * step.move_out
+            acc.index_add_(1, step.move_write, moved)
             for head in step.heads:
                 acc.index_add_(1, head.acc_write.flatten(), _head_output(buf, head).flatten(1))
             buf.index_add_(1, step.acc_target, acc)
@@ -417,6 +421,8 @@ def compile_encoder(encoder, plans) -> Program:
                 tiers = []
                 if kind != "gather":
                     for t in range(first, a.tiers):
+                        if not ((a.query[h, t] != 0).any(1) & (a.key[h, t] != 0).any(1)).any():
+                            continue  # every score is 0 (a padding tier): it keeps every key
                         qr, kr = _nonzero_cols(a.query[h, t]).cpu(), _nonzero_cols(a.key[h, t]).cpu()
                         live[qr[:, None], queries] = True
                         live[kr[:, None], keys.flatten()] = True
@@ -470,7 +476,8 @@ def compile_encoder(encoder, plans) -> Program:
             move = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
                     for parts, dtype in zip(zip(*moves) if moves else [[]] * 4,
                                             (torch.long, torch.float64, torch.float64, torch.long))]
-            steps.append(AttentionStep(head_steps, acc_target, *move))
+            unit = bool((move[1] == 1).all() and (move[2] == 1).all())
+            steps.append(AttentionStep(head_steps, acc_target, *move, unit))
         if "ffn" in entry:
             f = layer.ffn
             positions, reads, writes = entry["ffn"]
