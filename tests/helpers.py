@@ -19,3 +19,20 @@ def ulp_floor(ref, dtype):
     e.g. at size 1), "within k times torch's error" would forbid the one or two roundings any other
     order of the same arithmetic makes; this floor allows them and nothing more."""
     return torch.finfo(dtype).eps * ref.abs().max().item() + 1e-30
+
+
+def well_conditioned(kind: str, batch: int, n: int, dtype, scale: float = 1.0, max_cond: float = 20.0):
+    """(batch, n, n) matrices with condition number <= max_cond, made in float64: random normal + n I
+    ("shift", redrawn while ill-conditioned, as happens for small n) or a random orthogonal matrix
+    times a diagonal in [1, 2] ("orth", condition number <= 2)."""
+    eye = torch.eye(n, dtype=torch.float64)
+    if kind == "shift":
+        a = torch.randn(batch, n, n, dtype=torch.float64) + n * eye
+        bad = torch.linalg.cond(a) > max_cond
+        while bad.any():
+            a[bad] = torch.randn(int(bad.sum()), n, n, dtype=torch.float64) + n * eye
+            bad = torch.linalg.cond(a) > max_cond
+    else:
+        q, _ = torch.linalg.qr(torch.randn(batch, n, n, dtype=torch.float64))
+        a = q * (1 + torch.rand(batch, 1, n, dtype=torch.float64))
+    return (a * scale).to(dtype)

@@ -6,19 +6,9 @@ import pytest
 import torch
 
 import usim
-from helpers import final_stream
+from helpers import final_stream, well_conditioned
 
 K = 10  # allowed error, as a multiple of torch's own error against an exact/float64 reference
-
-
-def well_conditioned(kind: str, batch: int, n: int, dtype, scale: float = 1.0) -> torch.Tensor:
-    """Random normal + n I, or random orthogonal times diag in [1, 2] (made in float64)."""
-    if kind == "shift":
-        a = torch.randn(batch, n, n, dtype=torch.float64) + n * torch.eye(n, dtype=torch.float64)
-    else:
-        q, _ = torch.linalg.qr(torch.randn(batch, n, n, dtype=torch.float64))
-        a = q * (1 + torch.rand(batch, 1, n, dtype=torch.float64))
-    return (a * scale).to(dtype)
 
 
 def exact_det(a: list) -> Fraction:

@@ -374,6 +374,8 @@ def _head_output(buf: torch.Tensor, head: HeadStep) -> torch.Tensor:
                 s = s.masked_fill(~keep, float("-inf"))
             best = s == s.amax(dim=-1, keepdim=True)
             keep = best if keep is None else keep & best
+        if keep is None:  # a dense head whose tiers all score 0: every key ties
+            keep = buf.new_ones(buf.shape[0], len(head.queries), values.shape[-1])
         keep = keep.to(buf.dtype)
         count = keep.sum(dim=-1)[:, None]  # (B, 1, Q)
         if head.kind == "dense":
