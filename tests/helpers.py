@@ -36,3 +36,14 @@ def well_conditioned(kind: str, batch: int, n: int, dtype, scale: float = 1.0, m
         q, _ = torch.linalg.qr(torch.randn(batch, n, n, dtype=torch.float64))
         a = q * (1 + torch.rand(batch, 1, n, dtype=torch.float64))
     return (a * scale).to(dtype)
+
+
+def within_torch(op, args, ref, torch_result, dtype, context=(), factor: float = 10):
+    """Run op on args and check: its whole final stream is finite, and its max error against the
+    reference ref is within factor x torch's own (torch_result's) error plus one ulp. Returns the output."""
+    ours, stream = final_stream(op, *args)
+    assert torch.isfinite(stream).all(), context
+    err = (ours.double() - ref).abs().max().item()
+    torch_err = (torch_result.double() - ref).abs().max().item()
+    assert err <= factor * torch_err + ulp_floor(ref, dtype), (*context, err, torch_err)
+    return ours

@@ -11,7 +11,7 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.groupsort_network import SimulatedGroupSortNetwork, abs_network, groupsort_network_blocks, \
     groupsort_network_layers
-from helpers import final_stream, ulp_floor
+from helpers import final_stream, within_torch
 
 SCALES = (1e-3, 1.0, 1e3)
 
@@ -67,12 +67,9 @@ def test_float32_within_10x_of_torch(seed, widths, g):
         x = torch.randn(16, widths[0]) * scale
         weights, biases = random_parameters(widths, scale)
         ref = direct(x.double(), [w.double() for w in weights], [b.double() for b in biases], g)
-        ours, stream = final_stream(op, x, weights, biases)
+        ours = within_torch(op, (x, weights, biases), ref, direct(x, weights, biases, g), torch.float32,
+                            (seed, widths, g, scale))
         assert ours.shape == (16, widths[-1]) and ours.dtype == torch.float32, seed
-        assert torch.isfinite(stream).all(), (seed, scale)
-        err = (ours.double() - ref).abs().max().item()
-        torch_err = (direct(x, weights, biases, g).double() - ref).abs().max().item()
-        assert err <= 10 * torch_err + ulp_floor(ref, torch.float32), (seed, widths, g, scale, err, torch_err)
 
 
 @pytest.mark.parametrize("widths,g", [([3, 2], 2), ([2, 4, 1], 2), ([2, 6, 3, 2], 3)])
@@ -81,10 +78,8 @@ def test_float64_within_10x_of_torch(seed, widths, g):
     for scale in SCALES:
         x = torch.randn(6, widths[0], dtype=torch.float64) * scale
         weights, biases = random_parameters(widths, scale, torch.float64)
-        ref = exact(x, weights, biases, g)
-        err = (op(x, weights, biases) - ref).abs().max().item()
-        torch_err = (direct(x, weights, biases, g) - ref).abs().max().item()
-        assert err <= 10 * torch_err + ulp_floor(ref, torch.float64), (seed, widths, g, scale, err, torch_err)
+        within_torch(op, (x, weights, biases), exact(x, weights, biases, g), direct(x, weights, biases, g),
+                     torch.float64, (seed, widths, g, scale))
 
 
 @pytest.mark.parametrize("widths,g", networks())
