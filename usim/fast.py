@@ -34,6 +34,8 @@ from einops import einsum
 MAX_SCORED = 1_000_000_000
 MAX_PAIRS = 40_000_000
 PAIR_CHUNK = 1 << 22
+# A position-only tier scored at run time (after a content tier) is tabulated up to this many scores.
+STATIC_TABLE = 1 << 22
 # A head whose static tiers leave some query more candidates than this (or than L / 4) runs dense.
 MAX_CANDIDATES = 512
 
@@ -281,7 +283,8 @@ class HeadStep:
     value_coef: torch.Tensor  # (J, R)
     out_coef: torch.Tensor  # (S, J)
     acc_write: torch.Tensor  # (S, Q) offsets into the layer's accumulator
-    tiers: list  # candidates/dense: per run-time tier (q_read (Rq, Q), q_coef (d_k, Rq), k_read, k_coef)
+    tiers: list  # candidates/dense: per run-time tier (q_read (Rq, Q), q_coef (d_k, Rq), k_read, k_coef,
+    #              table): table (Q, K) or (Q, L) holds the scores of a position-only tier instead
     valid: torch.Tensor | None = None  # candidates: (Q, K)
 
 
@@ -366,10 +369,13 @@ def _head_output(buf: torch.Tensor, head: HeadStep) -> torch.Tensor:
         mean = values  # (B, J, Q)
     else:
         keep = None if head.valid is None else head.valid.expand(buf.shape[0], -1, -1)
-        for q_read, q_coef, k_read, k_coef in head.tiers:
-            q = einsum(q_coef, buf[:, q_read], "d r, b r q -> b q d")
-            k = einsum(k_coef, buf[:, k_read], "d r, b r ... -> b ... d")
-            s = q @ k.transpose(-1, -2) if head.kind == "dense" else einsum(q, k, "b q d, b q c d -> b q c")
+        for q_read, q_coef, k_read, k_coef, table in head.tiers:
+            if table is not None:
+                s = table.expand(buf.shape[0], -1, -1)
+            else:
+                q = einsum(q_coef, buf[:, q_read], "d r, b r q -> b q d")
+                k = einsum(k_coef, buf[:, k_read], "d r, b r ... -> b ... d")
+                s = q @ k.transpose(-1, -2) if head.kind == "dense" else einsum(q, k, "b q d, b q c d -> b q c")
             if keep is not None:
                 s = s.masked_fill(~keep, float("-inf"))
             best = s == s.amax(dim=-1, keepdim=True)
@@ -434,6 +440,7 @@ def compile_encoder(encoder, plans) -> Program:
                 entry["attn"] = heads
         needs.append(entry)
 
+    static, pos = static_slots(encoder), encoder.pos_table.cpu().double()
     size = int(live.sum())
     # int32 tables (width x length can be large); offsets are taken out as int64
     where = torch.full((width, length), size, dtype=torch.int32)  # entry ``size``: a sink for dead writes
@@ -469,8 +476,15 @@ def compile_encoder(encoder, plans) -> Program:
                     continue
                 tier_reads = []
                 for qr, kr, t in tiers:
-                    tier_reads.append((offsets(qr, queries), a.query[h, t][:, qr].double().cpu(),
-                                       offsets(kr, keys), a.key[h, t][:, kr].double().cpu()))
+                    q_coef, k_coef = a.query[h, t][:, qr].double().cpu(), a.key[h, t][:, kr].double().cpu()
+                    if static[qr].all() and static[kr].all() and len(queries) * keys.shape[-1] <= STATIC_TABLE:
+                        # scores from positions only (e.g. the position tie-break): exact, computed once
+                        q = pos[:, qr][queries] @ q_coef.T  # (Q, d_k)
+                        k = pos[:, kr][keys] @ k_coef.T  # (Q, K, d_k) or (L, d_k)
+                        table = (q[:, None] * k).sum(-1) if kind == "candidates" else q @ k.T
+                        tier_reads.append((None, None, None, None, table))
+                        continue
+                    tier_reads.append((offsets(qr, queries), q_coef, offsets(kr, keys), k_coef, None))
                 head_steps.append(HeadStep(
                     kind=kind, queries=queries, value_read=offsets(vreads, keys), value_coef=value_coef,
                     out_coef=out_coef, acc_write=acc_index[outs][:, queries].long(), tiers=tier_reads,
