@@ -15,7 +15,8 @@ plan selects exactly the keys the dense reference selects. At run time the conte
 same products of the same stream values as in the dense scores, so the kept keys are the same too;
 a head that keeps one key copies its value bitwise. Only an averaging head whose tied keys hold
 inexact values can differ from dense in the last bit (its sum runs in another order); the
-constructions average only exact values (0/1 flags, small integers).
+constructions average only exact values (0/1 flags, small integers). The compiled program at the
+end of this file adds one more such case: FFN sums (see there).
 
 Planning groups queries by their static query features, tier by tier (queries with the same
 features keep the same keys), so it costs about (number of distinct query features x candidate
@@ -267,8 +268,10 @@ def plan_encoder(encoder) -> list[list[HeadPlan] | None]:
 # queries where one of its outputs is live, each FFN only at the positions where one of its outputs
 # is live, and everything they read there is marked live in turn. The stream is stored as one flat
 # buffer of the live entries. Every computed entry is computed from the same inputs by the same
-# arithmetic as in the dense reference, so the result is the same; entries the result does not
-# depend on are not computed at all.
+# operations as in the dense reference; entries the result does not depend on are not computed at
+# all. Moves, selections and single products are bitwise those of dense; an FFN sum of several terms
+# can round differently in the last bit, because BLAS orders a dot product by the matrix shapes
+# (here only the needed positions are rows, in dense all L).
 
 
 def _nonzero_cols(w: torch.Tensor) -> torch.Tensor:
