@@ -422,12 +422,7 @@ def compile_encoder(encoder, plans) -> Program:
                 kind = "dense" if plan is None else plan.kind
                 vreads = _nonzero_cols(a.value[h]).cpu()
                 first = 0 if plan is None else plan.first_dynamic
-                if kind == "gather":
-                    keys = plan.index[queries]
-                elif kind == "candidates":
-                    keys = plan.index[queries]
-                else:
-                    keys = torch.arange(length)
+                keys = torch.arange(length) if kind == "dense" else plan.index[queries]  # (Q,) or (Q, K)
                 live[vreads[:, None], keys.flatten()] = True
                 tiers = []
                 if kind != "gather":
