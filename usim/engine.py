@@ -26,25 +26,12 @@ import torch
 from einops import einsum
 from torch import nn
 
-# The declared nonlinearities an FFN sublayer may use.
-ACTIVATIONS = ("identity", "relu", "bilinear", "exp", "reciprocal")
+from usim.activations import ACTIVATIONS, activate
+from usim.fast import compile_encoder, plan_encoder
+
 EXECUTIONS = ("fast", "dense")
 # About how many stream numbers one forward chunk holds (the batch is split to stay near this).
 CHUNK = 1 << 25
-
-
-def activate(activation: str, pre: torch.Tensor) -> torch.Tensor:
-    """One declared activation on the pre-activations (..., rows); bilinear halves the last axis."""
-    if activation == "identity":
-        return pre
-    if activation == "relu":
-        return torch.relu(pre)
-    if activation == "exp":
-        return torch.exp(pre)
-    if activation == "reciprocal":
-        return torch.reciprocal(pre)
-    a, b = pre.chunk(2, dim=-1)  # bilinear
-    return a * b
 
 
 def _versions(module: nn.Module) -> tuple:
@@ -316,8 +303,6 @@ class Encoder(nn.Module):
 
     def plans(self, device=None) -> list:
         """The fast execution's per-layer head plans (computed once, cached per device)."""
-        from usim.fast import plan_encoder
-
         cache = self._cache()
         if "plans" not in cache:
             cache["plans"] = plan_encoder(self)
@@ -360,8 +345,6 @@ class Encoder(nn.Module):
 
     def program(self, dtype=torch.float64, device=None):
         """The fast execution's compiled program (``usim.fast.Program``), cached per dtype and device."""
-        from usim.fast import compile_encoder
-
         cache = self._cache()
         if "program" not in cache:
             cache["program"] = compile_encoder(self, self.plans())

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from einops import einsum
 
+from usim.activations import activate
+
 # A head whose static tiers would score more (query group, key) pairs than MAX_SCORED, or keep
 # more than MAX_PAIRS, runs dense instead; pairs are scored PAIR_CHUNK at a time.
 MAX_SCORED = 1_000_000_000
@@ -341,8 +343,6 @@ class Program:
         return move(self)
 
     def run(self, seq: torch.Tensor) -> torch.Tensor:
-        from usim.engine import activate
-
         buf = self.init.expand(seq.shape[0], -1).clone()
         buf[:, self.value_at] += seq[:, self.value_pos]
         for step in self.steps:
