@@ -6,7 +6,7 @@ import torch
 import usim
 from usim.construct import Builder, Head, match, maximize
 from usim.engine import EXECUTIONS
-from usim.fast import plan_encoder
+from usim.plan import plan_encoder
 from usim.layout import Layout
 
 DTYPES = [torch.float32, torch.float64]

@@ -127,12 +127,15 @@ class Builder:
     def positional(self, name: str, values, square: bool = False) -> str:
         """A slot holding a fixed small integer per position (optionally with its square)."""
         values = torch.as_tensor(values, dtype=torch.long)
+        if values.numel() and values.abs().max() >= 2 ** 31:
+            raise ValueError(f"positional {name!r}: values must fit in int32")
+        values = values.to(torch.int32)
         if values.shape != (self.layout.length,):
             raise ValueError(f"positional {name!r}: expected ({self.layout.length},), got {tuple(values.shape)}")
         self.slot(name)
         self._pos[name] = values
         if square:
-            self.positional(f"{name}^2", values * values)
+            self.positional(f"{name}^2", values.long() * values.long())
         return name
 
     def positional_from(self, name: str, fn, square: bool = True) -> str:
@@ -233,10 +236,10 @@ class Builder:
     def build(self) -> Encoder:
         if not self.readout and self.layout.outputs:
             raise ValueError("no result slot set: call result(block, slot)")
-        width = len(self.slots)
-        pos_table = torch.zeros(self.layout.length, width, dtype=torch.float64)
-        for name, values in self._pos.items():
-            pos_table[:, self.slots.index(name)] = values.double()
+        names = list(self._pos)
+        positional = torch.stack([self._pos[n] for n in names], dim=1) if names else \
+            torch.zeros(self.layout.length, 0, dtype=torch.int32)
+        columns = torch.tensor([self.slots.index(n) for n in names], dtype=torch.long)
         readout = torch.full((self.layout.length,), self.slots.index("value"), dtype=torch.long)
         for block, slot in self.readout.items():
             span = self.layout.span(block)
@@ -245,4 +248,4 @@ class Builder:
             EncoderLayer(self._attention(heads) if heads else None, self._ffn(ffn) if ffn else None)
             for heads, ffn in self.layers
         ]
-        return Encoder(self.slots, pos_table, readout, layers)
+        return Encoder(self.slots, (positional, columns), readout, layers)

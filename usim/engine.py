@@ -16,7 +16,7 @@ The residual stream has one scalar slot per name (``Encoder.slots``); the constr
 
 Two executions of the same weights (``Encoder.execution``): "dense", the reference, scores all
 L x L pairs of every head; "fast" (default) plans the position-only selections once and runs only
-the entries the result depends on (``usim.fast``). Each sublayer reads and writes only the stream
+the entries the result depends on (``usim.plan``, ``usim.program``). Each sublayer reads and writes only the stream
 columns its weights use: the other columns would only add exact zeros.
 """
 
@@ -27,7 +27,8 @@ from einops import einsum
 from torch import nn
 
 from usim.activations import ACTIVATIONS, activate
-from usim.fast import compile_encoder, plan_encoder
+from usim.plan import plan_encoder
+from usim.program import compile_encoder
 
 EXECUTIONS = ("fast", "dense")
 # About how many stream numbers one forward chunk holds (the batch is split to stay near this).
@@ -131,7 +132,7 @@ class HardAttention(nn.Module):
     def forward(self, x: torch.Tensor, plans=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(the sum of the heads' outputs at the written columns (B, L, S), those columns (S,)).
 
-        plans: one ``usim.fast.HeadPlan`` per head (fast execution), or None (dense reference)."""
+        plans: one ``usim.plan.HeadPlan`` per head (fast execution), or None (dense reference)."""
         value, reads, output, writes = self._sparse(x)
         batch, length = x.shape[:2]
         d_v = self.value.shape[1]
@@ -247,27 +248,52 @@ class Encoder(nn.Module):
     output positions, the value slot elsewhere), so the output is again a (B, L) sequence.
     """
 
-    def __init__(self, slots: list[str], pos_table: torch.Tensor, readout: torch.Tensor,
+    def __init__(self, slots: list[str], pos_table, readout: torch.Tensor,
                  layers: list[EncoderLayer], execution: str = "fast"):
+        """pos_table: the positional table, dense (L, W), or compact as (values (L, P), the slot
+        index of each column (P,)); it is stored compactly (``positional``, ``positional_slots``),
+        as int32 when its values are small integers, since L can be millions of tokens."""
         super().__init__()
         self.execution = execution
         if len(set(slots)) != len(slots):
             raise ValueError("slot names must be unique")
         if "value" not in slots:
             raise ValueError("the stream needs a 'value' slot")
-        length, width = pos_table.shape
-        if width != len(slots):
-            raise ValueError(f"pos_table width {width} != {len(slots)} slots")
+        if isinstance(pos_table, torch.Tensor):
+            if pos_table.dim() != 2 or pos_table.shape[1] != len(slots):
+                raise ValueError(f"pos_table shape {tuple(pos_table.shape)}: its width must be the {len(slots)} slots")
+            columns = (pos_table != 0).any(0).nonzero()[:, 0]
+            values = pos_table[:, columns]
+        else:
+            values, columns = pos_table
+            columns = torch.as_tensor(columns, dtype=torch.long)
+            if values.dim() != 2 or columns.shape != (values.shape[1],):
+                raise ValueError(f"positional values {tuple(values.shape)} and columns {tuple(columns.shape)} "
+                                 "do not fit: expected (L, P) and (P,)")
+            if len(columns) and (columns.min() < 0 or columns.max() >= len(slots) or len(set(columns.tolist())) < len(columns)):
+                raise ValueError(f"positional columns must be distinct slot indices in 0..{len(slots) - 1}")
+        if values.is_floating_point() and bool((values == values.round()).all()) and \
+                bool((values.abs() < 2 ** 31).all()):
+            values = values.to(torch.int32)
+        length = values.shape[0]
         if readout.shape != (length,):
             raise ValueError(f"readout shape {tuple(readout.shape)} != ({length},)")
         self.slots = list(slots)
-        self.register_buffer("pos_table", pos_table)
+        self.register_buffer("positional", values)
+        self.register_buffer("positional_slots", columns)
         self.register_buffer("readout", readout.long())
         self.layers = nn.ModuleList(layers)
 
     @property
+    def pos_table(self) -> torch.Tensor:
+        """The dense positional table (L, W) in float64 (built on demand: for small encoders)."""
+        table = torch.zeros(self.length, self.stream_width, dtype=torch.float64, device=self.positional.device)
+        table[:, self.positional_slots] = self.positional.double()
+        return table
+
+    @property
     def length(self) -> int:
-        return self.pos_table.shape[0]
+        return self.positional.shape[0]
 
     @property
     def stream_width(self) -> int:
@@ -285,7 +311,7 @@ class Encoder(nn.Module):
     @property
     def execution(self) -> str:
         """"fast" (default): position-only selections planned once and applied as gathers (see
-        ``usim.fast``); "dense": the reference, every head scores all L x L pairs."""
+        ``usim.plan``); "dense": the reference, every head scores all L x L pairs."""
         return self._execution
 
     @execution.setter
@@ -312,7 +338,8 @@ class Encoder(nn.Module):
         return cache["plans", str(device)]
 
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
-        x = _cast(self.pos_table, seq).expand(seq.shape[0], -1, -1).clone()
+        x = seq.new_zeros(seq.shape[0], self.length, self.stream_width)
+        x[..., self.positional_slots.to(seq.device)] = _cast(self.positional, seq)
         x[..., self.slots.index("value")] += seq
         return x
 
@@ -344,10 +371,10 @@ class Encoder(nn.Module):
                    [layer.hook_resid] + ([layer.attn.hook_pattern] if layer.attn is not None else []))
 
     def program(self, dtype=torch.float64, device=None):
-        """The fast execution's compiled program (``usim.fast.Program``), cached per dtype and device."""
+        """The fast execution's compiled program (``usim.program.Program``), cached per dtype and device."""
         cache = self._cache()
         if "program" not in cache:
-            cache["program"] = compile_encoder(self, self.plans())
+            cache["program"] = compile_encoder(self)
         key = ("program", dtype, str(torch.device(device or "cpu")))
         if key not in cache:
             cache[key] = cache["program"].to(dtype, device)

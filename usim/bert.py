@@ -1,0 +1,134 @@
+"""Hugging Face BERT models (e.g. all-MiniLM-L6-v2) with every self-attention computed by U.
+
+A BERT self-attention block (``BertAttention``: ``self`` = BertSelfAttention, ``output`` = BertSelfOutput)
+computes, in eval mode,
+
+    LayerNorm(dense(concat_h softmax(Q_h K_h^T / sqrt(head_dim) + mask) V_h) + x),
+    Q = query(x), K = key(x), V = value(x),
+
+which is ``nn.MultiheadAttention`` followed by BERT's own residual and LayerNorm, with
+
+    in_proj_weight = cat(query.weight, key.weight, value.weight)    (3E, E)
+    in_proj_bias   = cat(query.bias, key.bias, value.bias)          (3E,)
+    out_proj       = output.dense                                   (weight and bias)
+
+(heads split the E features into contiguous head_dim chunks in both). :func:`simulate_bert_attention`
+replaces each block by :class:`SimulatedBertAttention`: that MHA as a ``usim.SimulatedMultiheadAttention``
+(U computes the attention), then the block's own dropout (a no-op in eval), residual and LayerNorm. The
+attention mask that BERT hands the block (float additive 0 / -inf-like, or bool True = attend, as
+(B, 1, Lq, Lk); or 0/1 (B, L)) becomes ``key_padding_mask``; a mask that differs between queries
+(causal) is refused. Blocks are found by their structure, not their class, so the model may be a
+``transformers.BertModel``, a model holding one (a sentence-transformers model, ``BertForMaskedLM``), or
+one layer. Attention weights are not returned (``output_attentions`` is not supported).
+
+Nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from usim.mha import SimulatedMultiheadAttention
+
+__all__ = ["SimulatedBertAttention", "bert_attention_to_mha", "simulate_bert_attention"]
+
+
+def _is_bert_attention(module: nn.Module) -> bool:
+    sub, out = getattr(module, "self", None), getattr(module, "output", None)
+    return (all(isinstance(getattr(sub, name, None), nn.Linear) for name in ("query", "key", "value"))
+            and isinstance(getattr(out, "dense", None), nn.Linear)
+            and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm))
+
+
+def bert_attention_to_mha(attention: nn.Module) -> nn.MultiheadAttention:
+    """The ``nn.MultiheadAttention`` (batch_first, no dropout) with a BERT self-attention block's weights."""
+    sub, dense = attention.self, attention.output.dense
+    if getattr(attention, "is_cross_attention", False) or getattr(sub, "is_decoder", False) \
+            or getattr(sub, "is_causal", False):
+        raise ValueError("only bidirectional self-attention (a BERT encoder) can be simulated")
+    if getattr(sub, "position_embedding_type", "absolute") != "absolute":
+        raise ValueError(f"position_embedding_type {sub.position_embedding_type!r} is not supported")
+    q, k, v = sub.query, sub.key, sub.value
+    embed_dim, heads = q.in_features, sub.num_attention_heads
+    if any(lin.weight.shape != (embed_dim, embed_dim) for lin in (q, k, v, dense)):
+        raise ValueError("query, key, value and output dense must all be square (all_head_size == hidden_size)")
+    weight = q.weight
+    mha = nn.MultiheadAttention(embed_dim, heads, batch_first=True, device=weight.device, dtype=weight.dtype)
+
+    def bias(lin):
+        return lin.bias if lin.bias is not None else torch.zeros_like(weight[:, 0])
+
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
+        mha.in_proj_bias.copy_(torch.cat([bias(q), bias(k), bias(v)]))
+        mha.out_proj.weight.copy_(dense.weight)
+        mha.out_proj.bias.copy_(bias(dense))
+    return mha.eval()
+
+
+def _key_padding_mask(mask, batch: int, length: int):
+    """HF's attention mask as given to the block -> (batch, length) bool, True = padding key (or None)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        blocked = ~mask
+    elif mask.is_floating_point():  # additive: 0 to attend, the dtype's minimum (or -inf) to mask
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not ((mask == 0) | blocked).all():
+            raise NotImplementedError("an additive attention mask is simulated only with values 0 and -inf")
+    else:  # 0/1 integers, 1 = attend
+        blocked = mask == 0
+    if blocked.dim() > 2:  # (B, [heads,] Lq, Lk): the same keys must be masked for every query
+        blocked = blocked.reshape(blocked.shape[0], -1, blocked.shape[-1])
+        if not (blocked == blocked[:, :1]).all():
+            raise NotImplementedError("the attention mask differs between queries (causal?): U masks keys only")
+        blocked = blocked[:, 0]
+    return blocked.expand(batch, length)
+
+
+class SimulatedBertAttention(nn.Module):
+    """Drop-in for a BERT self-attention block: LayerNorm(dropout(mha(x)) + x), mha computed by U.
+
+    ``mha`` is a :class:`usim.SimulatedMultiheadAttention` built from the block's query/key/value and
+    output dense (see the module docstring); ``dropout`` and ``LayerNorm`` are the block's own modules.
+    ``forward`` returns ``(output, None)`` like ``BertAttention``.
+    """
+
+    _ignored = {"position_ids"}  # handed to every layer by transformers 5; self-attention does not read it
+
+    def __init__(self, attention: nn.Module, seq_len: int, execution: str = "fast"):
+        super().__init__()
+        self.mha = SimulatedMultiheadAttention.from_torch(bert_attention_to_mha(attention), seq_len,
+                                                          execution=execution)
+        self.dropout, self.LayerNorm = attention.output.dropout, attention.output.LayerNorm
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        extra = [f"argument {i + 2}" for i, a in enumerate(args) if a is not None and a is not False]
+        extra += [k for k, a in kwargs.items() if k not in self._ignored and a is not None and a is not False]
+        if extra:
+            raise NotImplementedError(f"SimulatedBertAttention computes plain self-attention; got {extra} "
+                                      "(head_mask, cross-attention, caches and output_attentions are not supported)")
+        mask = _key_padding_mask(attention_mask, *hidden_states.shape[:2])
+        out, _ = self.mha(hidden_states, hidden_states, hidden_states, key_padding_mask=mask, need_weights=False)
+        return self.LayerNorm(self.dropout(out) + hidden_states), None
+
+
+def simulate_bert_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
+                            execution: str = "fast") -> nn.Module:
+    """``model`` (deep-copied unless ``inplace``) with every BERT self-attention block replaced by a
+    :class:`SimulatedBertAttention` built for sequences of at most ``seq_len`` tokens.
+
+    Raises ValueError if the model holds no such block, or later, in forward, for a longer input.
+    """
+    model = model if inplace else copy.deepcopy(model)
+    blocks = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if _is_bert_attention(child)]
+    if not blocks:
+        raise ValueError(f"no BERT self-attention block (with .self.query/key/value and .output.dense/LayerNorm) "
+                         f"found in {type(model).__name__}")
+    for parent, name, child in blocks:
+        setattr(parent, name, SimulatedBertAttention(child, seq_len, execution=execution))
+    return model
