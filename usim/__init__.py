@@ -7,10 +7,12 @@ from usim.mha import SimulatedMultiheadAttention
 from usim.ops import (Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
                       SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
                       SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
+from usim.plot import plot  # matplotlib is imported only when a figure is drawn
+from usim.progress import set_progress
 
 __version__ = "0.1.0"
 
 __all__ = ["Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
            "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
            "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
-           "Softmax", "Transpose", "UniversalSimulator", "load", "save"]
+           "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save", "set_progress"]

@@ -1,13 +1,28 @@
-"""Command line: `python -m usim demo` and `python -m usim export DIR`."""
+"""Command line of usim (``python -m usim COMMAND --help`` for each command's options).
+
+    demo       a tour for newcomers: a constructed transformer beside torch, then U, with a picture
+    show       draw one construction to a PNG file (needs matplotlib: pip install 'usim[plot]')
+    describe   what a checkpoint file holds: kind, arguments, layers, heads, activations, sizes
+    bench      run benchmarks/compare_mha.py (options are passed on to it)
+    export     write the shipped checkpoints
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import torch
 
 import usim
+from usim.progress import progress, set_progress
 
 
 def _timed(fn, *args, **kwargs):
@@ -16,34 +31,86 @@ def _timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+# --- demo --------------------------------------------------------------------------------------
+INTRO = """\
+usim builds transformers whose weights are written by hand (constructed), not learned by training.
+Its centrepiece, U (the "universal simulator"), is one such transformer which, given a matrix x and
+the matrices a_h and v_h of an attention layer as its input, outputs what that attention layer
+computes: the sum over heads h of softmax(x a_h x^T) x v_h."""
+
+
 def demo(args) -> None:
+    """The tour: Transpose, U, the nn.MultiheadAttention drop-in, then a picture."""
     torch.manual_seed(args.seed)
+    print(INTRO)
     transpose_demo(args)
-    print("\n" + "=" * 78 + "\n")
-    simulator_demo(args)
+    u, x, a, v = simulator_demo(args)
+    mha_demo(args, x)
+    picture_demo(args, u, x, a, v)
 
 
-def simulator_demo(args) -> None:
-    from usim.mha import SimulatedMultiheadAttention
+def _section(number: int, title: str) -> None:
+    print(f"\n{number}. {title}\n" + "-" * (len(title) + 3))
+
+
+def transpose_demo(args) -> None:
+    n, m = args.n, args.m
+    op = usim.Transpose(n, m)
+    x = torch.randn(n, m)
+    op(x)  # the first call prepares the execution (see part 2)
+    y, elapsed = _timed(op, x)
+    reference = x.T
+    _section(1, f"A constructed transformer that transposes a {n}x{m} matrix")
+    print(f"A transformer reads a sequence of tokens. Here each token is one number: the {n * m} entries of\n"
+          f"x, row by row, then {n * m} empty tokens where the answer appears ({op.layout.length} tokens in all).\n"
+          f"usim.Transpose({n}, {m}) has {op.depth} layer with {op.width} attention head. Each answer token "
+          f"attends to\nexactly one token, the entry of x with row and column swapped, and copies its value.")
+    print(f"\ninput x ({n} rows, {m} columns):\n{x}")
+    print(f"\nthe transformer's answer:\n{y}")
+    print(f"\ntorch's x.T:\n{reference}")
+    print(f"\nlargest difference between the two: {(y - reference).abs().max().item():.3g} "
+          f"(equal bit for bit: {torch.equal(y, reference)}); one call took {_ms(elapsed)}")
+
+
+def simulator_demo(args):
     from usim.ops.simulator import UniversalSimulator
 
     n, d, heads = args.tokens, args.embed_dim, args.heads
     u, build = _timed(UniversalSimulator, n, d, heads=heads)
     x = torch.randn(args.batch, n, d)
     a, v = torch.randn(heads, d, d) / d, torch.randn(heads, d, d)
-    _, first = _timed(u, x, a, v)  # the first call plans and compiles the fast execution
+    _, first = _timed(u, x, a, v)
     y, elapsed = _timed(u, x, a, v)
     x64, a64, v64 = x.double(), a.double(), v.double()
-    scores = torch.einsum("bid,hde,bje->bhij", x64, a64, x64)
-    reference = (torch.softmax(scores, -1) @ (x64[:, None] @ v64)).sum(1)
+    reference = (torch.softmax(torch.einsum("bid,hde,bje->bhij", x64, a64, x64), -1) @ (x64[:, None] @ v64)).sum(1)
     direct = (torch.softmax(torch.einsum("bid,hde,bje->bhij", x, a, x), -1) @ (x[:, None] @ v)).sum(1)
-    print(f"Universal simulator U(n={n}, d={d}, heads={heads}): depth {u.depth}, width {u.width}, "
-          f"L = {u.layout.length}, built in {build:.2f} s")
-    print(f"  sum_h softmax(x a_h x^T) x v_h on a batch of {args.batch}, float32: {elapsed * 1e3:.1f} ms "
-          f"(first call, with planning: {first * 1e3:.0f} ms)")
-    print(f"  max error vs float64: U {(y.double() - reference).abs().max().item():.2e}, "
-          f"direct torch {(direct.double() - reference).abs().max().item():.2e}")
+    largest = max(layer.attn.heads for layer in u.encoder.layers if layer.attn is not None)
+    _section(2, f"U simulating an attention layer with {heads} heads on a {n}x{d} matrix x")
+    print(f"The simulated attention layer sees x as {n} vectors (its rows) of {d} numbers each. U itself, like\n"
+          f"the transformer of part 1, reads one number per token: its input sequence has {u.layout.length} "
+          f"tokens,\nholding x, the {heads} matrices a_h and the {heads} matrices v_h ({d}x{d} each), {n} flags "
+          f"saying which rows of x\nto ignore, and empty tokens for the intermediate and final results.\n"
+          f"U has {u.depth} layers; the busiest layer has {largest} attention heads (each head fetches one number "
+          f"for\nevery token). Writing U's weights took {_ms(build)}.")
+    print(f"\nOn {args.batch} random inputs at once (float32 numbers):")
+    print(f"  one call took {_ms(elapsed)}; the first call took {_ms(first)}, because it first works out,\n"
+          f"  once for all later calls, which tokens each head reads.")
+    u_error = (y.double() - reference).abs().max().item()
+    torch_error = (direct.double() - reference).abs().max().item()
+    print(f"  largest error against an exact (float64) computation: U {u_error:.1e}, torch's own float32\n"
+          f"  computation {torch_error:.1e}; U's error is {u_error / max(torch_error, 1e-300):.1f} times torch's "
+          f"(both come from rounding to float32).")
+    return u, x, a, v
 
+
+def mha_demo(args, x) -> None:
+    from usim.mha import SimulatedMultiheadAttention
+
+    n, d, heads = args.tokens, args.embed_dim, args.heads
     mha = torch.nn.MultiheadAttention(d, heads, batch_first=True)
     sim, build = _timed(SimulatedMultiheadAttention.from_torch, mha, seq_len=n)
     _, first = _timed(sim, x, x, x)
@@ -52,16 +119,210 @@ def simulator_demo(args) -> None:
     (ref_out, ref_w), torch_time = _timed(mha, x, x, x)
     mha64 = torch.nn.MultiheadAttention(d, heads, batch_first=True, dtype=torch.float64)
     mha64.load_state_dict({k: t.double() for k, t in mha.state_dict().items()})
+    x64 = x.double()
     out64, _ = mha64(x64, x64, x64)
-    print(f"\nSimulatedMultiheadAttention.from_torch(nn.MultiheadAttention({d}, {heads})), {n} tokens: "
-          f"depth {sim.simulator.depth}, width {sim.simulator.width}, L = {sim.simulator.layout.length}")
-    print(f"  time: simulated {elapsed * 1e3:.1f} ms (first call {first * 1e3:.0f} ms), "
-          f"nn.MultiheadAttention {torch_time * 1e3:.2f} ms")
-    print(f"  max error vs float64: simulated {(out.double() - out64).abs().max().item():.2e}, "
-          f"nn.MultiheadAttention {(ref_out.double() - out64).abs().max().item():.2e}; "
-          f"attention weights differ by {(weights - ref_w).abs().max().item():.2e}")
+    _section(3, "A drop-in replacement for torch.nn.MultiheadAttention")
+    print(f"SimulatedMultiheadAttention.from_torch(mha) copies the weights of a torch attention layer (vectors\n"
+          f"of {d} numbers, {heads} heads) into a U built for {n} vectors ({sim.simulator.depth} layers, "
+          f"{sim.simulator.layout.length} tokens in its input),\nin {_ms(build)}. "
+          f"Here it runs on the same {args.batch} random inputs x as part 2.")
+    print(f"  one call: simulated {_ms(elapsed)} (first call {_ms(first)}), nn.MultiheadAttention {_ms(torch_time)}")
+    print(f"  largest output error against float64: simulated {(out.double() - out64).abs().max().item():.1e}, "
+          f"nn.MultiheadAttention {(ref_out.double() - out64).abs().max().item():.1e}")
+    print(f"  largest difference between their attention weights: {(weights - ref_w).abs().max().item():.1e}")
 
 
+def picture_demo(args, u, x, a, v) -> None:
+    _section(4, "A picture")
+    if args.no_picture:
+        print("skipped (--no-picture)")
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("Install matplotlib to get a picture of U at work: pip install 'usim[plot]'")
+        return
+    path = Path(args.picture).resolve()
+    fig = usim.plot(u, x[0], a, v)
+    fig.savefig(path, dpi=args.dpi)
+    print(f"{path}\nwhat each of U's layers computes, and each head's attention weights computed by U beside "
+          f"torch's.\nDraw any construction with: python -m usim show matmul 3 --out matmul.png")
+
+
+# --- show --------------------------------------------------------------------------------------
+# name -> (constructor, size names, what the sizes mean)
+OPS = {
+    "transpose": ("Transpose", ("n", "m"), "x is n x m"),
+    "matmul": ("MatMul", ("n", "m", "p"), "a (n x m) @ b (m x p)"),
+    "softmax": ("Softmax", ("n", "m"), "row-wise softmax of an n x m matrix"),
+    "relu": ("ReLU", ("n", "m"), "relu of an n x m matrix"),
+    "maxmin": ("MaxMin", ("n", "m"), "pairs of columns sorted, n x m (m even)"),
+    "groupsort": ("GroupSort", ("n", "m"), "groups of --group-size columns sorted, n x m"),
+    "inverse": ("Inverse", ("n",), "inverse of an n x n matrix"),
+    "determinant": ("Determinant", ("n",), "determinant of an n x n matrix"),
+    "u": ("UniversalSimulator", ("n", "d"), "U for x of n rows, d columns (--heads, --head-dim)"),
+}
+ALIASES = {"universalsimulator": "u", "simulator": "u", "gs": "groupsort", "det": "determinant", "inv": "inverse"}
+
+
+def build_op(name: str, sizes: list[int], heads: int = 1, group_size: int | None = None,
+             head_dim: int | None = None):
+    """The construction ``show`` draws: OP with its sizes; missing sizes repeat the last one given
+    (``matmul 4`` is MatMul(4, 4, 4)); no sizes means 3 for each."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in OPS:
+        raise ValueError(f"unknown operation {name!r}: choose one of {', '.join(OPS)} or a .safetensors checkpoint")
+    kind, names, _ = OPS[key]
+    if len(sizes) > len(names):
+        raise ValueError(f"{key} takes at most {len(names)} sizes ({', '.join(names)}), got {len(sizes)}: {sizes}")
+    sizes = list(sizes) or [3]
+    sizes += [sizes[-1]] * (len(names) - len(sizes))
+    cls = getattr(usim, kind)
+    if key == "u":
+        return cls(*sizes, heads=heads) if head_dim is None else cls(*sizes, heads=heads, head_dim=head_dim)
+    if key == "groupsort":
+        return cls(*sizes, group_size if group_size is not None else sizes[1])
+    return cls(*sizes)
+
+
+def parse_layers(text: str | None):
+    """"1-5", "3" or "1,3,7" (numbered from 1, as in the pictures) -> layer indices from 0."""
+    if text is None:
+        return None
+    chosen = []
+    for part in text.split(","):
+        try:
+            if "-" in part:
+                first, last = (int(s) for s in part.split("-", 1))
+                chosen += range(first, last + 1)
+            else:
+                chosen.append(int(part))
+        except ValueError:
+            raise ValueError(f"--layers takes numbers from 1 such as 1-5 or 1,3,7; got {text!r}") from None
+    if any(i < 1 for i in chosen):
+        raise ValueError(f"--layers are numbered from 1, got {text!r}")
+    return [i - 1 for i in chosen]
+
+
+def show(args) -> None:
+    from usim.plot import INSTALL_HINT
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        sys.exit(f"show needs matplotlib: {INSTALL_HINT}")
+    with progress(3, "show") as bar:
+        if args.op.endswith(".safetensors") or os.path.isfile(args.op):
+            if args.sizes:
+                raise ValueError("sizes are given by the checkpoint itself: drop them")
+            module = usim.load(args.op)
+        else:
+            module = build_op(args.op, args.sizes, heads=args.heads, group_size=args.group_size,
+                              head_dim=args.head_dim)
+        bar.update()
+        fig = usim.plot(module, layers=parse_layers(args.layers), seed=args.seed)
+        bar.update()
+        out = Path(args.out or f"{module.kind.lower()}.png")
+        fig.savefig(out, dpi=args.dpi)
+        bar.update()
+    print(f"wrote {out} ({module.title})")
+
+
+# --- describe ----------------------------------------------------------------------------------
+def _size(nbytes: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return ""
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def describe_checkpoint(path) -> str:
+    """A readable table of what a usim checkpoint holds (what ``python -m usim describe`` prints).
+
+    Raises FileNotFoundError, or ValueError for a file that is not a valid usim checkpoint."""
+    from safetensors import safe_open
+
+    from usim.ops.base import Construction, layer_specs
+
+    module = usim.load(path)  # validates the file (and every tensor's shape) first
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        dtypes = sorted({str(f.get_slice(k).get_dtype()) for k in f.keys()})
+    encoder = module.encoder if isinstance(module, Construction) else module
+    layout = module.layout
+    kind = json.loads(metadata.get("usim.module", "{}")).get("kind", type(module).__name__)
+    args = getattr(module, "args", {})
+    numbers = sum(math.prod(s) for s in shapes.values())
+    specs = layer_specs(encoder)
+    name_width = max(len(b.name) for b in layout.blocks)
+    blocks = [f"{'':18}{b.name:<{name_width}}  {'×'.join(map(str, b.shape)):<7}  {b.role:<7}  tokens "
+              f"{layout.span(b.name).start}–{layout.span(b.name).stop - 1}" for b in layout.blocks]
+    lines = [
+        f"{os.fspath(path)}",
+        f"  kind            {kind}" + (f" (usim.{kind})" if hasattr(usim, kind) else ""),
+        f"  arguments       {', '.join(f'{k}={v}' for k, v in args.items()) or '—'}",
+        f"  format version  {metadata.get('usim.format', '?')}",
+        f"  file            {_size(os.path.getsize(path))}: {len(shapes)} tensors, {numbers:,} numbers "
+        f"({', '.join(dtypes)})",
+        f"  layers          {encoder.depth}, with at most {encoder.width} attention heads in one layer",
+        f"  tokens          {layout.length} in the input sequence, one number each, by block:",
+        *blocks,
+        f"  stream slots    {encoder.stream_width} named numbers carried by every token: "
+        f"{_clip(', '.join(encoder.slots), 70)}",
+        "",
+        f"  {'layer':>5}  {'heads':>5}  {'score tiers':>11}  {'FFN activation':<14}  {'FFN units':>9}  "
+        f"{'slots read':>10}  slots written",
+    ]
+    for i, s in enumerate(specs):
+        lines.append(f"  {i + 1:>5}  {s['heads']:>5}  {s['tiers']:>11}  {s['activation'] or '—':<14}  "
+                     f"{s['hidden']:>9}  {len(s['reads']):>10}  {_clip(', '.join(s['writes']), 60)}")
+    lines += [
+        "",
+        "  heads: attention heads in the layer. score tiers: the criteria a head ranks keys by, one after",
+        "  the other (e.g. first the block and row, then the largest value). FFN: the layer's feed-forward",
+        "  part, with its activation and its number of hidden units. slots: the named numbers each token",
+        "  carries (its residual stream); a layer reads some and writes (adds to) others.",
+    ]
+    return "\n".join(lines)
+
+
+def describe(args) -> None:
+    print(describe_checkpoint(args.checkpoint))
+
+
+# --- bench -------------------------------------------------------------------------------------
+BENCH_SCRIPT = Path("benchmarks") / "compare_mha.py"
+
+
+def find_bench_script(explicit=None) -> Path:
+    """benchmarks/compare_mha.py: the given path, beside the package's source tree, or under the
+    current directory; FileNotFoundError saying where it looked otherwise."""
+    if explicit is not None:
+        candidates = [Path(explicit)]
+    else:
+        candidates = [Path(usim.__file__).resolve().parents[1] / BENCH_SCRIPT, Path.cwd() / BENCH_SCRIPT]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"benchmark script not found (looked at {', '.join(map(str, candidates))}). It ships with the "
+        f"usim source repository, not with an installed package: run from a checkout, or pass --script PATH")
+
+
+def bench(args, passed: list[str]) -> int:
+    script = find_bench_script(args.script)
+    command = [sys.executable, str(script)] + (["--help"] if args.script_help else passed)
+    print(f"running {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
+
+
+# --- export ------------------------------------------------------------------------------------
 def export(args) -> None:
     from usim.export import export as write_all
 
@@ -69,39 +330,103 @@ def export(args) -> None:
         print(f"wrote {path}")
 
 
-def transpose_demo(args) -> None:
-    n, m = args.n, args.m
-    op = usim.Transpose(n, m)
-    x = torch.randn(n, m)
-    op(x)  # the first call plans and compiles the fast execution
-    y, elapsed = _timed(op, x)
-    reference = x.T
-    print(op.describe())
-    print(f"\ninput x ({n}x{m}):\n{x}")
-    print(f"\nencoder output:\n{y}")
-    print(f"\nreference x.T:\n{reference}")
-    print(f"\nmax |difference| = {(y - reference).abs().max().item():.3g}  "
-          f"bitwise equal: {torch.equal(y, reference)}  time {elapsed * 1e3:.1f} ms")
+# --- the parser --------------------------------------------------------------------------------
+def make_parser() -> argparse.ArgumentParser:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m usim", formatter_class=formatter,
+        description="Transformers whose weights are constructed, not trained: run, draw, inspect and "
+                    "benchmark them.\nEach command explains its options: python -m usim COMMAND --help")
+    parser.add_argument("--version", action="version", version=f"usim {usim.__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="never show progress bars (they appear on a terminal, for work over 2 s, with tqdm)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; COMMAND --help describes its options")
 
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m usim", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="run a constructed encoder beside its torch reference")
-    p.add_argument("--n", type=int, default=3)
-    p.add_argument("--m", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=4, help="n for U and the drop-in")
-    p.add_argument("--embed-dim", type=int, default=4, help="d for U and the drop-in")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
+    p = sub.add_parser("demo", help="a tour for newcomers: constructed transformers beside torch, and a picture",
+                       description="Runs usim.Transpose, the universal simulator U and the "
+                                   "nn.MultiheadAttention drop-in beside torch, explaining each number, "
+                                   "then draws a picture of U (with matplotlib installed).")
+    p.add_argument("--n", type=int, default=3, help="rows of the matrix the Transpose part transposes (default 3)")
+    p.add_argument("--m", type=int, default=4, help="columns of that matrix (default 4)")
+    p.add_argument("--tokens", type=int, default=4, help="tokens (rows of x) for U and the drop-in (default 4)")
+    p.add_argument("--embed-dim", type=int, default=4,
+                   help="dimension of each token (columns of x) for U and the drop-in (default 4)")
+    p.add_argument("--heads", type=int, default=2, help="attention heads of U and the drop-in (default 2)")
+    p.add_argument("--batch", type=int, default=8, help="random inputs computed at once (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs and weights (default 0)")
+    p.add_argument("--picture", default="usim_demo.png", help="where to write the picture (default usim_demo.png)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the picture (default 100)")
+    p.add_argument("--no-picture", action="store_true", help="do not draw the picture")
     p.set_defaults(func=demo)
-    p = sub.add_parser("export", help="write the shipped checkpoints")
-    p.add_argument("directory", nargs="?", default="checkpoints")
+
+    ops = "\n".join(f"  {name:<12} {' '.join(OPS[name][1]):<6} {OPS[name][2]}" for name in OPS)
+    p = sub.add_parser("show", help="draw one construction to a PNG file (needs matplotlib)",
+                       formatter_class=formatter,
+                       description=textwrap.fill(
+                           "Draws a construction run on random inputs: for an operation, its token sequence "
+                           "by blocks, which key each query token selects in every head of every layer, and "
+                           "the slots (named numbers every token carries) each layer writes; for U, what each "
+                           "layer computes and its softmax weights beside torch's.", 100)
+                       + "\n\nOPERATIONS and their SIZES (missing sizes repeat the last one; none means 3):\n"
+                       + f"{ops}\n\nExample: python -m usim show matmul 3 --out matmul.png")
+    p.add_argument("op", metavar="OP", help="an operation named above, or a .safetensors checkpoint file")
+    p.add_argument("sizes", metavar="SIZE", type=int, nargs="*", help="the operation's sizes (see above)")
+    p.add_argument("--out", help="the PNG file to write (default: the operation's name, e.g. matmul.png)")
+    p.add_argument("--heads", type=int, default=1, help="attention heads of U (default 1)")
+    p.add_argument("--head-dim", type=int,
+                   help="U in the factored form of nn.MultiheadAttention, with heads of this size "
+                        "(default: the (A, V) form)")
+    p.add_argument("--group-size", type=int, help="columns sorted together by groupsort (default: m, whole rows)")
+    p.add_argument("--layers", help="which layers to draw, numbered from 1: 1-5, 3 or 1,3,7 (default all; "
+                                    "needed above 24 layers)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs drawn (default 0)")
+    p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
+    p.set_defaults(func=show)
+
+    p = sub.add_parser("describe", help="what a checkpoint file holds, as a table",
+                       description="Prints a checkpoint's kind, constructor arguments, format version, "
+                                   "size, token layout, stream slots, and per layer its heads, score tiers, "
+                                   "FFN activation and units, and the slots it reads and writes.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a .safetensors file written by usim.save (e.g. checkpoints/matmul_4x4x4.safetensors)")
+    p.set_defaults(func=describe)
+
+    p = sub.add_parser("bench", help="run the benchmark benchmarks/compare_mha.py (other options go to it)",
+                       description="Runs benchmarks/compare_mha.py in this Python. Every option not listed "
+                                   "here is passed on to it, e.g. --device cpu --quick, --orders 4 8, "
+                                   "--minilm, --out DIR; --script-help lists them all.")
+    p.add_argument("--script", help="the benchmark script (default: benchmarks/compare_mha.py beside the "
+                                    "usim package, or under the current directory)")
+    p.add_argument("--script-help", action="store_true", help="print the benchmark script's own options")
+    p.set_defaults(func=bench)
+
+    p = sub.add_parser("export", help="write the shipped checkpoints",
+                       description="Writes every shipped checkpoint (U for n = d = 3, 4, 8 with 1 and 2 "
+                                   "heads, every op at 4x4) as .safetensors files.")
+    p.add_argument("directory", nargs="?", default="checkpoints",
+                   help="the folder to write to (default checkpoints)")
     p.set_defaults(func=export)
-    args = parser.parse_args(argv)
-    args.func(args)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    args, passed = parser.parse_known_args(argv)
+    if args.no_progress:
+        set_progress(False)
+    if passed and args.func is not bench:
+        parser.error(f"unrecognized arguments: {' '.join(passed)}")
+    try:
+        if args.func is bench:
+            return bench(args, passed)
+        args.func(args)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, FileNotFoundError) else 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 
 MAX_TOKENS = 128
@@ -48,31 +49,38 @@ ANNOTATE_CELLS = 64
 
 INSTALL_HINT = "pip install 'usim[plot]'"
 
-# What each layer of U computes (README's table), for the layer counts U has today.
-U_LAYERS = [
-    "Xᵀ, X·A_h, X·V_h (transpose, matrix products)",
-    "S_h = (X·A_h)·Xᵀ: the attention scores",
-    "softmax(S_h), 1 of 4: which keys are masked (padding)",
-    "softmax(S_h), 2 of 4: row maximum M (by attention), e = exp(S_h − M)",
-    "softmax(S_h), 3 of 4: r = 1 / (sum of e over the row)",
-    "softmax(S_h), 4 of 4: P_h = e · r",
-    "Y = Σ_h P_h·(X·V_h): the attention output",
-]
-U_FFN_LAYERS = ["H = Y·W1", "Z = relu(H)", "out = Z·W2", "out += Y when residual"]
+# What a layer of U computes, read from the names of the slots it writes: "<stage tag>.<step>".
+# The stage tags name U's steps (digits, e.g. a head number, are ignored); unknown names are listed.
+U_STAGES = {
+    "xt": "Xᵀ",
+    "drop": "masked keys",
+    "xa": "X·A_h, X·V_h",
+    "xv": "X·V_h",
+    "qkv": "Q_h, K_h, V_h = X·W_Q,h, X·W_K,h, X·W_V,h",
+    "s": "S_h = (X·A_h)·Xᵀ",
+    "p": "P_h = softmax(S_h)",
+    "y": "Y = Σ_h P_h·(X·V_h)",
+    "pv": "O_h = P_h·V_h",
+    "out": "Y = Σ_h O_h·W_O,h + b_O",
+    "w1": "H = relu(Y·W1)",
+    "w2": "out = H·W2 (+ Y)",
+}
+U_FACTORED_STAGES = {"s": "S_h = Q_h·K_hᵀ"}
+U_STEPS = {
+    "a": "fetch operands", "b": "fetch operands", "term": "multiply", "mean": "sum", "out": "sum",
+    "x": "fetch entries", "max": "row maximum", "e": "exp(S − max)", "r": "1 / row sum", "p": "e · (1 / sum)",
+    "drop": "masked keys",
+}
 
 
 def _matplotlib():
-    """(Figure class, colors module, numpy), or ImportError with the install command."""
+    """(the Figure class, matplotlib.colors), or ImportError with the install command."""
     try:
-        import matplotlib
         from matplotlib import colors
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ImportError(f"usim.plot needs matplotlib, which is not installed: {INSTALL_HINT}") from e
-    import numpy
-
-    del matplotlib
-    return Figure, colors, numpy
+    return Figure, colors
 
 
 # --- observing one run -------------------------------------------------------------------------
@@ -141,42 +149,53 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return torch.round(t * 10) / 10
 
 
-def example_inputs(module, seed: int = 0) -> tuple:
-    """Random inputs for a picture, one per input block of ``module.layout`` (rounded to one decimal).
+def example_inputs(module, seed: int = 0) -> tuple[tuple, dict]:
+    """Random inputs for a picture (rounded to one decimal): (positional arguments, keyword arguments).
 
-    For U: (x (n, d), a (heads, d, d), v (heads, d, d)), the arguments of ``U.attention``.
-    Inverse and Determinant get a + n·I (far from singular); a block named ``bits`` gets 0/1 values.
+    For an op: one array per input block of ``module.layout`` (the arguments of ``module.run``);
+    Inverse and Determinant get a + n·I (far from singular), a block named ``bits`` 0/1 values.
+    For U: x (n, d) and its weights, (a, v) each (heads, d, d), or (wq, wk, wv, wo) in the factored
+    form (``head_dim``), with w1 and w2 as keywords when it has an FFN sublayer (``ffn_hidden``).
     """
     from usim.ops.simulator import UniversalSimulator
 
     g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape, scale=1.0):
+        return _round(torch.randn(*shape, generator=g) * scale)
+
     if isinstance(module, UniversalSimulator):
         n, d, heads = module.n, module.d, module.heads
-        x = _round(torch.randn(n, d, generator=g))
-        a = _round(torch.randn(heads, d, d, generator=g) / math.sqrt(d))
-        v = _round(torch.randn(heads, d, d, generator=g))
-        return x, a, v
+        r, hidden = module.args.get("head_dim"), module.args.get("ffn_hidden")
+        x = draw(n, d)
+        if r is not None:
+            return (x, draw(heads, d, r, scale=d ** -0.5), draw(heads, d, r, scale=d ** -0.5),
+                    draw(heads, d, r), draw(heads, r, d, scale=r ** -0.5)), {}
+        keywords = {} if hidden is None else {"w1": draw(d, hidden, scale=d ** -0.5),
+                                              "w2": draw(hidden, d, scale=hidden ** -0.5)}
+        return (x, draw(heads, d, d, scale=d ** -0.5), draw(heads, d, d)), keywords
     arrays = []
     for block in module.layout.inputs:
         if block.name == "bits":
             arrays.append(torch.randint(0, 2, block.shape, generator=g).double())
             continue
-        t = _round(torch.randn(block.shape, generator=g, dtype=torch.float64))
+        t = draw(*block.shape).double()
         if module.kind in ("Inverse", "Determinant") and len(block.shape) == 2:
             t = t + block.shape[0] * torch.eye(block.shape[0], dtype=torch.float64)
         arrays.append(t)
-    return tuple(arrays)
+    return tuple(arrays), {}
 
 
 # --- the figure --------------------------------------------------------------------------------
-def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0):
+def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0, **keywords):
     """A matplotlib Figure of ``module`` run on ``inputs`` (see the module docstring).
 
     module: a usim construction (``usim.MatMul(3, 3, 3)``, ``usim.UniversalSimulator(3, 3)``, a
-    module from ``usim.load``). inputs: the arguments of ``module(...)`` (for U, of
-    ``U.attention``); batched inputs are drawn for their first item. Without inputs, random
-    ``example_inputs(module, seed)`` are used. layers: the layer indices (from 0) an op figure draws
-    (default all, at most ``MAX_LAYERS``). Save with ``fig.savefig("out.png")``.
+    module from ``usim.load``). inputs and keywords: the arguments of ``module(...)`` (for U, of
+    ``U.attention``: ``plot(u, x, a, v, key_padding_mask=mask)``); batched inputs are drawn for
+    their first item. Without inputs, random ``example_inputs(module, seed)`` are used. layers: the
+    layer indices (from 0) an op figure draws (default all, at most ``MAX_LAYERS``). title: replaces
+    the figure's heading. Save with ``fig.savefig("out.png")``.
     """
     from usim.ops.base import Construction
     from usim.ops.simulator import UniversalSimulator
@@ -188,8 +207,10 @@ def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0):
     if isinstance(module, UniversalSimulator):
         if layers is not None:
             raise ValueError("layers= selects layers of an op figure; U's figure shows all of its layers")
-        return _u_figure(module, inputs or example_inputs(module, seed), title)
-    return _op_figure(module, inputs, _chosen_layers(module, layers), title, seed)
+        if not inputs:
+            inputs, keywords = example_inputs(module, seed)
+        return _u_figure(module, inputs, keywords, title)
+    return _op_figure(module, inputs, keywords, _chosen_layers(module, layers), title, seed)
 
 
 def _chosen_layers(module, layers) -> list[int]:
@@ -215,6 +236,10 @@ def _chosen_layers(module, layers) -> list[int]:
     return sorted(chosen)
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def _head_groups(heads: int) -> list[list[int]]:
     """Heads split into at most MAX_HEAD_PANELS panels of consecutive heads."""
     per_panel = math.ceil(heads / MAX_HEAD_PANELS)
@@ -231,19 +256,19 @@ def _pack(groups: list[list], ncols: int) -> list[list]:
     return rows
 
 
-def _op_figure(module, inputs, layers: list[int], title, seed):
+def _op_figure(module, inputs, keywords, layers: list[int], title, seed):
     from usim.ops.base import layer_specs
 
-    Figure, _, _ = _matplotlib()
+    Figure, _ = _matplotlib()
     layout, encoder = module.layout, module.encoder
     length = layout.length
     if length > MAX_TOKENS:
         raise ValueError(f"{module.title} lays out {length} tokens; an op figure draws at most {MAX_TOKENS} "
                          f"(one row and one column per token): choose smaller sizes")
-    if inputs:
-        trace = record(module, lambda: module(*inputs))
+    if inputs or keywords:
+        trace = record(module, lambda: module(*inputs, **keywords))
     else:
-        arrays = example_inputs(module, seed)
+        arrays, _ = example_inputs(module, seed)
         trace = record(module, lambda: module.run(*arrays))
     specs = layer_specs(encoder)
 
@@ -261,8 +286,8 @@ def _op_figure(module, inputs, layers: list[int], title, seed):
     cell = min(6.0, max(2.4, length / 20))
     fig = Figure(figsize=(ncols * cell + 0.5, len(rows) * (cell + 0.7) + 1.3), layout="constrained")
     grid = fig.add_gridspec(len(rows), ncols)
-    heading = title or (f"{module.title}: {module.depth} layer(s), {length} tokens, "
-                        f"at most {module.width} attention head(s) in a layer")
+    heading = title or (f"{module.title}: {_count(module.depth, 'layer')}, {length} tokens, "
+                        f"at most {_count(module.width, 'attention head')} in a layer")
     fig.suptitle(heading + "\nRow = query token, column = key token it reads (coloured). "
                  "Last panel of a layer: the stream slots it writes, per token (red +, blue −, "
                  "scaled per slot).", fontsize=10)
@@ -301,21 +326,21 @@ def _as_matrix(values: torch.Tensor, shape) -> torch.Tensor:
     return values.reshape(-1, shape[-1])
 
 
-def _annotate(ax, matrix, numpy, fmt=None) -> None:
+def _annotate(ax, image, matrix, fmt=None) -> None:
+    """Write each value in its cell (small matrices only), black or white by the cell's shade."""
     rows, cols = matrix.shape
     if rows * cols > ANNOTATE_CELLS:
         return
-    scale = numpy.nanmax(numpy.abs(matrix)) if numpy.isfinite(matrix).any() else 1.0
     for i in range(rows):
         for j in range(cols):
             v = matrix[i, j]
             text = fmt(v) if fmt else (f"{v:.2f}" if abs(v) < 100 else f"{v:.1e}")
-            dark = scale > 0 and abs(v) > 0.6 * scale
+            r, g, b, _ = image.cmap(image.norm(v))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
             ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if dark else "black")
 
 
 def _draw_block(ax, layout, block, trace) -> None:
-    _, _, numpy = _matplotlib()
     span = layout.span(block.name)
     source = trace.output if block.role == "output" else trace.sequence
     matrix = _as_matrix(source[span.start: span.stop], block.shape).numpy()
@@ -327,8 +352,8 @@ def _draw_block(ax, layout, block, trace) -> None:
         ax.set_title(f"{block.name}: scratch {shape}\ntokens {span.start}–{span.stop - 1}", fontsize=9)
     else:
         limit = max(float(numpy.abs(matrix).max()), 1e-12)
-        ax.imshow(matrix, cmap="coolwarm", vmin=-limit, vmax=limit)
-        _annotate(ax, matrix, numpy)
+        image = ax.imshow(matrix, cmap="coolwarm", vmin=-limit, vmax=limit)
+        _annotate(ax, image, matrix)
         what = "input" if block.role == "input" else "output (encoder's result)"
         ax.set_title(f"{block.name}: {what} {shape}\ntokens {span.start}–{span.stop - 1}", fontsize=9)
     rows, cols = matrix.shape
@@ -340,7 +365,7 @@ def _draw_block(ax, layout, block, trace) -> None:
 
 
 def _draw_heads(ax, layout, layer: int, heads: list[int], trace, spec) -> None:
-    _, colors, numpy = _matplotlib()
+    _, colors = _matplotlib()
     pattern = trace.patterns[layer]  # (H, L, L)
     length = pattern.shape[-1]
     image = numpy.ones((length, length, 3))
@@ -359,7 +384,6 @@ def _draw_heads(ax, layout, layer: int, heads: list[int], trace, spec) -> None:
 
 
 def _draw_stream(ax, layout, encoder, layer: int, trace, spec) -> None:
-    _, _, numpy = _matplotlib()
     written = spec["writes"]
     shown = written[:MAX_SLOT_ROWS]
     ffn = f"FFN: {spec['activation']}" if spec["activation"] else "no FFN"
@@ -383,52 +407,83 @@ def _draw_stream(ax, layout, encoder, layer: int, trace, spec) -> None:
 
 
 # --- U -----------------------------------------------------------------------------------------
-def _u_figure(u, inputs, title):
+def _first(t, core: int):
+    """The first item of a batched tensor with ``core`` axes of its own (None stays None)."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    return t.reshape(-1, *t.shape[t.dim() - core:])[0] if t.dim() > core else t
+
+
+def _per_head(t, heads: int):
+    """(heads, ., .) for one item: a (., .) weight is the same for every head."""
+    t = _first(t, 3) if t.dim() > 2 else t[None]
+    return t.expand(heads, *t.shape[-2:])
+
+
+def _u_reference(u, inputs, keywords):
+    """(x, torch's softmax weights (heads, n, n), torch's output (n, d)) for the first item, in the
+    input's dtype: what ``nn.MultiheadAttention`` computes with these weights."""
+    heads = u.heads
+    x = _first(inputs[0], 2)
+    mask = keywords.get("key_padding_mask")
+    factored = u.args.get("head_dim") is not None
+    if mask is None and len(inputs) == (6 if factored else 4):
+        mask = inputs[-1]  # a positional key_padding_mask
+    if factored:
+        wq, wk, wv, wo = (_per_head(t, heads) for t in inputs[1:5])
+        scores = (x @ wq) @ (x @ wk).transpose(-1, -2)
+    else:
+        a, v = (_per_head(t, heads) for t in inputs[1:3])
+        scores = x @ a @ x.T
+    if mask is not None:
+        scores = scores.masked_fill(_first(mask, 1)[None, None], float("-inf"))
+    weights = torch.softmax(scores, -1)
+    if factored:
+        y = (weights @ (x @ wv) @ wo).sum(0)
+        if keywords.get("bo") is not None:
+            y = y + _first(keywords["bo"], 1)
+    else:
+        y = (weights @ (x @ v)).sum(0)
+        w1, w2 = _first(keywords.get("w1"), 2), _first(keywords.get("w2"), 2)
+        if w1 is not None and w2 is not None:
+            y = torch.relu(y @ w1) @ w2 + (y if keywords.get("residual") else 0)
+    return x, weights, y
+
+
+def _u_figure(u, inputs, keywords, title):
     from usim.ops.base import layer_specs
 
-    Figure, _, numpy = _matplotlib()
+    Figure, _ = _matplotlib()
     for name in ("n", "d", "heads"):
         if getattr(u, name) > MAX_U[name]:
             raise ValueError(f"{u.title}: a U figure draws at most n = {MAX_U['n']}, d = {MAX_U['d']}, "
                              f"heads = {MAX_U['heads']} legibly; got {name} = {getattr(u, name)}")
-    if len(inputs) < 3:
-        raise TypeError(f"plot(U, x, a, v, ...) needs x, a and v (the arguments of U.attention), "
-                        f"got {len(inputs)} input(s)")
-    x, a = inputs[0], inputs[1]
     with torch.no_grad():
-        y, weights = u.attention(*inputs)
-    # Draw the first item of a batch; a and v may be (d, d) for one head.
-    while y.dim() > 2:
-        y, weights = y[0], weights[0]
-    x = x.reshape(-1, *x.shape[-2:])[0]
-    a = a if a.dim() > 2 else a[None]
-    a = a.reshape(-1, *a.shape[-3:])[0]
-    scores = torch.einsum("id,hde,je->hij", x.double(), a.double(), x.double())
-    mask = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
-    if mask is not None:
-        scores = scores.masked_fill(mask.reshape(-1, mask.shape[-1])[0][None, None], float("-inf"))
-    direct = torch.softmax(scores.to(x.dtype), -1)
-    v = inputs[2] if inputs[2].dim() > 2 else inputs[2][None]
-    v = v.reshape(-1, *v.shape[-3:])[0]
-    y_direct = (direct @ (x @ v)).sum(0)
+        y, weights = u.attention(*inputs, **keywords)
+        x, direct, y_direct = _u_reference(u, inputs, keywords)
+    y, weights = _first(y, 2), _first(weights, 3)
     heads = weights.shape[0]
+    factored = u.args.get("head_dim") is not None
+    form = "Σ_h softmax((x W_Q,h)(x W_K,h)ᵀ) x W_V,h W_O,h" if factored else "Σ_h softmax(x a_h xᵀ) x v_h"
+    if u.args.get("ffn_hidden"):
+        form = f"relu(Y W1) W2 with Y = {form}"
 
     cell = 3.0 if u.n <= 8 else 4.5
     table_height = 0.25 * (u.depth + 2)  # inches: a line per layer, the header and the title
-    fig = Figure(figsize=(3 * cell + 0.6, (heads + 1) * (cell + 0.7) + table_height + 1.0), layout="constrained")
+    fig = Figure(figsize=(3 * cell + 1.5, (heads + 1) * (cell + 0.7) + table_height + 1.0), layout="constrained")
     grid = fig.add_gridspec(heads + 2, 3, height_ratios=[table_height / (cell + 0.7)] + [1] * (heads + 1))
-    fig.suptitle(title or f"{u.title}: one encoder of {u.depth} layers computes "
-                 f"Σ_h softmax(x a_h xᵀ) x v_h\n(n = {u.n} tokens of dimension d = {u.d}; "
-                 f"{u.layout.length} tokens in its input sequence)", fontsize=10)
+    fig.suptitle(title or f"{u.title}: one encoder of {u.depth} layers computes {form}\n"
+                 f"(x: n = {u.n} rows of d = {u.d} numbers; {u.layout.length} tokens in U's input sequence)",
+                 fontsize=10)
 
     table_ax = fig.add_subplot(grid[0, :])
     table_ax.set_label("overview")
     table_ax.axis("off")
     specs = layer_specs(u.encoder)
-    computes = _u_computes(u)
-    cells = [[str(i + 1), str(s["heads"]), s["activation"] or "—", computes[i]] for i, s in enumerate(specs)]
+    cells = [[str(i + 1), str(s["heads"]), s["activation"] or "—", _clip(_u_computes(s, factored), 90)]
+             for i, s in enumerate(specs)]
     table = table_ax.table(cellText=cells, colLabels=["layer", "attention heads", "FFN activation", "computes"],
-                           loc="center", cellLoc="left", colWidths=[0.07, 0.14, 0.16, 0.63])
+                           loc="center", cellLoc="left", colWidths=[0.07, 0.13, 0.14, 0.66])
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     table_ax.set_title("What each layer computes", fontsize=9)
@@ -436,35 +491,56 @@ def _u_figure(u, inputs, title):
     def heat(ax, matrix, label, text, cmap="viridis", vmin=None, vmax=None, fmt=None):
         m = matrix.detach().double().numpy()
         ax.set_label(label)
-        ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax)
-        if m.size <= ANNOTATE_CELLS:
-            _annotate(ax, m, numpy, fmt=fmt)
+        _annotate(ax, ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax), m, fmt=fmt)
         ax.set_title(text, fontsize=9)
         ax.set_xticks(range(m.shape[1]))
         ax.set_yticks(range(m.shape[0]))
         ax.tick_params(labelsize=7)
 
     limit = float(max(x.abs().max(), y.abs().max(), y_direct.abs().max(), 1e-12))
-    heat(fig.add_subplot(grid[1, 0]), x, "x", "input x (rows = tokens)", "coolwarm", -limit, limit)
+    gap = (y.double() - y_direct.double()).abs().max()
+    heat(fig.add_subplot(grid[1, 0]), x, "x", "input x (row = token)", "coolwarm", -limit, limit)
     heat(fig.add_subplot(grid[1, 1]), y, "y:U", "output of U", "coolwarm", -limit, limit)
-    heat(fig.add_subplot(grid[1, 2]), y_direct, "y:torch",
-         f"torch: Σ_h softmax(x a_h xᵀ) x v_h\nmax |U − torch| = {(y.double() - y_direct.double()).abs().max():.1e}",
+    heat(fig.add_subplot(grid[1, 2]), y_direct, "y:torch", f"output of torch\nmax |U − torch| = {_gap(gap)}",
          "coolwarm", -limit, limit)
+    scores = "(x W_Q,{h})(x W_K,{h})ᵀ" if factored else "x a_{h} xᵀ"
     for h in range(heads):
         difference = (weights[h].double() - direct[h].double()).abs()
         heat(fig.add_subplot(grid[h + 2, 0]), weights[h], f"head{h}:U",
              f"head {h + 1}: U's softmax weights\n(row = query token, column = key)", vmin=0, vmax=1)
         heat(fig.add_subplot(grid[h + 2, 1]), direct[h], f"head{h}:torch",
-             f"head {h + 1}: torch softmax(x a_{h + 1} xᵀ)\n(as nn.MultiheadAttention)", vmin=0, vmax=1)
+             f"head {h + 1}: torch softmax({scores.format(h=h + 1)})\n(as nn.MultiheadAttention)", vmin=0, vmax=1)
         heat(fig.add_subplot(grid[h + 2, 2]), difference, f"head{h}:difference",
-             f"head {h + 1}: |U − torch|, max {difference.max():.1e}", "Greys", vmin=0,
+             f"head {h + 1}: |U − torch|, max {_gap(difference.max())}", "Greys", vmin=0,
              fmt=lambda t: "0" if t == 0 else f"{t:.0e}")
     return fig
 
 
-def _u_computes(u) -> list[str]:
-    """Per layer of U, what it computes (README's table), or "—" where the layer count differs."""
-    expected = U_LAYERS + (U_FFN_LAYERS if u.args.get("ffn_hidden") else [])
-    if len(expected) != u.depth:
-        return ["—"] * u.depth
-    return expected
+def _gap(value) -> str:
+    return "0 (equal)" if value == 0 else f"{float(value):.1e}"
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _u_computes(spec: dict, factored: bool) -> str:
+    """What one layer of U computes, from the slots it writes (``U_STAGES``, ``U_STEPS``)."""
+    stages = {**U_STAGES, **(U_FACTORED_STAGES if factored else {})}
+    phrases: dict[str, list[str]] = {}
+    unknown = []
+    for slot in spec["writes"]:
+        tag, _, step = slot.partition(".")
+        tag = tag if tag in stages else tag.rstrip("0123456789")
+        step = step.rstrip("0123456789")
+        if tag not in stages:
+            unknown.append(slot)
+            continue
+        steps = phrases.setdefault(stages[tag], [])
+        word = U_STEPS.get(step)
+        if word and word not in steps and word != stages[tag]:
+            steps.append(word)
+    parts = [f"{stage} ({', '.join(steps)})" if steps else stage for stage, steps in phrases.items()]
+    if unknown:
+        parts.append("writes " + ", ".join(unknown))
+    return "; ".join(parts) or "—"

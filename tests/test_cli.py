@@ -1,0 +1,177 @@
+"""The command line: help on every command and option, describe, show, bench and the demo."""
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import usim
+from usim.__main__ import build_op, describe_checkpoint, find_bench_script, main, make_parser, parse_layers
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "checkpoints"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def restore_progress():
+    from usim.progress import progress_enabled, set_progress
+
+    before = progress_enabled()
+    yield
+    set_progress(before)
+
+
+def _subparsers(parser):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise AssertionError("no subcommands")
+
+
+def test_every_command_and_option_has_help():
+    parser = make_parser()
+    commands = _subparsers(parser)
+    assert set(commands.choices) == {"demo", "show", "describe", "bench", "export"}
+    helped = {a.dest for a in commands._choices_actions if a.help}
+    assert helped == set(commands.choices), "every command has a one-line help"
+    for name, sub in [("python -m usim", parser)] + list(commands.choices.items()):
+        assert sub.description, f"{name} has no description"
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            assert action.help and action.help != argparse.SUPPRESS, f"{name}: {action.option_strings or action.dest}"
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["show"], ["describe"], ["bench"], ["export"]])
+def test_help_prints_and_exits_zero(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(command + ["--help"])
+    assert done.value.code == 0
+    assert "usage: python -m usim" in capsys.readouterr().out
+
+
+def test_describe_an_op_checkpoint():
+    path = CHECKPOINTS / "matmul_4x4x4.safetensors"
+    op = usim.load(path)
+    text = describe_checkpoint(path)
+    assert "MatMul (usim.MatMul)" in text and "n=4, m=4, p=4" in text
+    assert re.search(r"format version\s+1", text)
+    assert re.search(rf"layers\s+{op.depth}, with at most {op.width} attention heads", text)
+    first = op.encoder.layers[0]
+    heads = first.attn.heads if first.attn is not None else 0
+    activation = first.ffn.activation if first.ffn is not None else "—"
+    assert re.search(rf"^\s+1\s+{heads}\s+\d+\s+{activation}\s", text, re.M), text
+    assert f"tokens          {op.layout.length} in the input sequence" in text
+    for block in op.layout.blocks:
+        assert re.search(rf"^\s+{block.name}\s+.*{block.role}\s+tokens", text, re.M)
+
+
+def test_describe_a_u_checkpoint(capsys):
+    assert main(["describe", str(CHECKPOINTS / "u_n3_d3_h1.safetensors")]) == 0
+    out = capsys.readouterr().out
+    u = usim.load(CHECKPOINTS / "u_n3_d3_h1.safetensors")
+    assert "UniversalSimulator" in out and "n=3, d=3, heads=1" in out
+    rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\d+\s", line)]
+    assert len(rows) == u.depth
+    for activation in ("bilinear", "exp", "reciprocal"):
+        assert activation in out
+    assert f"{u.encoder.stream_width} named numbers" in out
+
+
+def test_describe_reports_a_damaged_or_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["describe", str(bad)]) == 2
+    assert "bad.safetensors" in capsys.readouterr().err
+    assert main(["describe", str(tmp_path / "missing.safetensors")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_show_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "m.png"
+    assert main(["--no-progress", "show", "matmul", "2", "--out", str(out), "--dpi", "30"]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    assert "MatMul(n=2, m=2, p=2)" in capsys.readouterr().out
+
+
+def test_show_a_checkpoint_and_u(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "t.png"
+    assert main(["show", str(CHECKPOINTS / "transpose_4x4.safetensors"), "--out", str(out), "--dpi", "30"]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+    out = tmp_path / "u.png"
+    assert main(["show", "u", "2", "--heads", "2", "--out", str(out), "--dpi", "30"]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_show_errors_are_clear(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert main(["show", "nosuchop", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown operation 'nosuchop'" in capsys.readouterr().err
+    assert main(["show", "transpose", "1", "2", "3", "--out", str(tmp_path / "x.png")]) == 2
+    assert "at most 2 sizes" in capsys.readouterr().err
+    assert main(["show", "matmul", "7", "--out", str(tmp_path / "x.png")]) == 2
+    assert "147 tokens" in capsys.readouterr().err
+
+
+def test_sizes_and_layers_parsing():
+    assert build_op("matmul", [4]).args == {"n": 4, "m": 4, "p": 4}
+    assert build_op("MatMul", [2, 3]).args == {"n": 2, "m": 3, "p": 3}
+    assert build_op("transpose", []).args == {"n": 3, "m": 3}
+    assert build_op("u", [2, 3], heads=2).args["heads"] == 2
+    assert build_op("groupsort", [2, 4], group_size=2).args["group_size"] == 2
+    assert parse_layers(None) is None
+    assert parse_layers("1-3,7") == [0, 1, 2, 6]
+    with pytest.raises(ValueError, match="from 1"):
+        parse_layers("0-2")
+    with pytest.raises(ValueError, match="1-5"):
+        parse_layers("a")
+
+
+def test_bench_finds_the_repository_script():
+    assert find_bench_script() == ROOT / "benchmarks" / "compare_mha.py"
+
+
+def test_bench_passes_options_through(tmp_path, capfd):
+    script = tmp_path / "fake_bench.py"
+    script.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(3)\n")
+    assert main(["bench", "--script", str(script), "--device", "cpu", "--quick", "--orders", "2"]) == 3
+    assert "ARGS ['--device', 'cpu', '--quick', '--orders', '2']" in capfd.readouterr().out
+
+
+def test_bench_without_its_script_says_where_it_looked(tmp_path, capsys):
+    assert main(["bench", "--script", str(tmp_path / "nope.py")]) == 1
+    assert "benchmark script not found" in capsys.readouterr().err
+
+
+def test_unknown_options_of_other_commands_are_errors(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["describe", "x.safetensors", "--bogus"])
+    assert done.value.code == 2
+
+
+def test_demo_explains_itself_and_writes_a_picture(tmp_path, capsys, monkeypatch):
+    picture = tmp_path / "demo.png"
+    assert main(["demo", "--batch", "2", "--picture", str(picture), "--dpi", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "U (the \"universal simulator\")" in out
+    for jargon in ("tier", "slot", "width", "L =", "block^2"):
+        assert jargon not in out, f"the demo says {jargon!r} without explaining it"
+    try:
+        import matplotlib
+    except ImportError:
+        assert "pip install 'usim[plot]'" in out
+    else:
+        assert matplotlib and str(picture) in out and picture.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_demo_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["demo", "--batch", "1", "--tokens", "2", "--embed-dim", "2", "--heads", "1",
+                 "--picture", str(tmp_path / "demo.png")]) == 0
+    assert "pip install 'usim[plot]'" in capsys.readouterr().out
+    assert not (tmp_path / "demo.png").exists()
