@@ -27,6 +27,7 @@ from einops import einsum
 from torch import nn
 
 from usim.activations import ACTIVATIONS, activate
+from usim.average import dense_ordered_sum, ordered_sum
 from usim.plan import plan_encoder
 from usim.program import compile_encoder
 
@@ -152,15 +153,15 @@ class HardAttention(nn.Module):
             if kind == "candidates":
                 keep = self._candidates(x, h, plans[h]).to(x.dtype)  # (B, L, K)
                 count = keep.sum(dim=-1, keepdim=True)
-                mean[:, :, h] = einsum(keep, v[:, plans[h].index, h], "b l c, b l c j -> b l j") / count
+                mean[:, :, h] = ordered_sum(keep, v[:, plans[h].index, h]) / count
                 if observed:
                     pattern[:, h].scatter_add_(-1, plans[h].index.expand(batch, -1, -1), keep / count)
             elif kind == "dense":
                 # Heads one at a time: one (B, T, L, L) score tensor alive, not H of them.
                 keep = self.select(x, h).to(x.dtype)
                 count = keep.sum(dim=-1, keepdim=True)
-                # Average as (sum of kept values) / count: exact for moves (count 1) and equal ties.
-                mean[:, :, h] = (keep @ v[:, :, h]) / count
+                # Average as (sum of kept values in key order) / count (usim.average).
+                mean[:, :, h] = dense_ordered_sum(keep, v[:, :, h]) / count
                 if observed:
                     pattern[:, h] = keep / count
         if observed:
@@ -373,11 +374,9 @@ class Encoder(nn.Module):
     def program(self, dtype=torch.float64, device=None):
         """The fast execution's compiled program (``usim.program.Program``), cached per dtype and device."""
         cache = self._cache()
-        if "program" not in cache:
-            cache["program"] = compile_encoder(self)
         key = ("program", dtype, str(torch.device(device or "cpu")))
-        if key not in cache:
-            cache[key] = cache["program"].to(dtype, device)
+        if key not in cache:  # compiled per dtype and device (a float64 master would double the memory)
+            cache[key] = compile_encoder(self).to(dtype, device)
         return cache[key]
 
     def _run(self, seq: torch.Tensor, plans: list) -> torch.Tensor:

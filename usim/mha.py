@@ -1,12 +1,15 @@
 """A drop-in for ``torch.nn.MultiheadAttention`` (self-attention) computed by the universal simulator.
 
-The MHA weights are folded into U's inputs, with a homogeneous coordinate for the biases:
+The MHA weights become the inputs of U in its factored form (``head_dim``), with a homogeneous
+coordinate for the input biases:
 
-    x~ = [x, 1]                                   (n, E + 1)
-    A_h = [Wq_h | bq_h]^T [Wk_h | bk_h] / sqrt(head_dim)   so  x~ A_h x~^T = Q_h K_h^T / sqrt(head_dim)
-    V_h = [Wv_h | bv_h]^T Wo_h^T  (+ bo in the homogeneous row of head 0)
+    x~ = [x, 1]                                           (n, E + 1)
+    W_Q,h = [Wq_h | bq_h]^T / sqrt(head_dim),  W_K,h = [Wk_h | bk_h]^T,  W_V,h = [Wv_h | bv_h]^T
+    W_O,h = Wo[:, h] ^T,  b_O = bo                        (out_proj split by head)
 
-so that sum_h softmax(x~ A_h x~^T) x~ V_h = out_proj(concat_h softmax(Q_h K_h^T / sqrt(dh)) V_h).
+so that sum_h softmax((x~ W_Q,h)(x~ W_K,h)^T)(x~ W_V,h) W_O,h + b_O
+      = out_proj(concat_h softmax(Q_h K_h^T / sqrt(head_dim)) V_h).
+Each head costs n * (E + 1) * head_dim product terms, as in nn.MultiheadAttention, not n * E^2.
 The folding is done in float64 and cast to the input's dtype; everything after it runs in the
 simulator's encoder. Without bias the homogeneous coordinate is dropped (d = E).
 """
@@ -54,7 +57,8 @@ class SimulatedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         if bias:
             nn.init.zeros_(self.out_proj.bias)
-        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads, execution=execution)
+        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads, head_dim=self.head_dim,
+                                            execution=execution)
         self.simulator.to(device=device)
 
     @property
@@ -86,19 +90,20 @@ class SimulatedMultiheadAttention(nn.Module):
         return sim
 
     def folded(self, dtype=torch.float64):
-        """U's inputs (A, V), each (num_heads, d, d), folded from the MHA weights in float64."""
-        E, H, dh = self.embed_dim, self.num_heads, self.head_dim
+        """U's weights (wq, wk, wv (H, d, head_dim), wo (H, head_dim, d), bo (d,)), folded from the
+        MHA weights in float64 (d = embed_dim + 1 with bias, the homogeneous coordinate)."""
+        E, H = self.embed_dim, self.num_heads
         w = self.in_proj_weight.detach().double()
         if self.has_bias:
             w = torch.cat([w, self.in_proj_bias.detach().double()[:, None]], dim=1)  # (3E, E+1)
-        wq, wk, wv = (rearrange(t, "(h k) e -> h k e", h=H) for t in w.chunk(3))
+        wq, wk, wv = (rearrange(t, "(h k) e -> h e k", h=H) for t in w.chunk(3))
+        wq = wq / math.sqrt(self.head_dim)
         wo = rearrange(self.out_proj.weight.detach().double(), "e (h k) -> h k e", h=H)
-        a = wq.transpose(-1, -2) @ wk / math.sqrt(dh)
-        v = wv.transpose(-1, -2) @ wo  # (H, d, E)
+        bo = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
         if self.has_bias:
-            v = torch.cat([v, torch.zeros_like(v[..., :1])], dim=-1)
-            v[0, E, :E] += self.out_proj.bias.detach().double()
-        return a.to(dtype), v.to(dtype)
+            wo = torch.cat([wo, torch.zeros_like(wo[..., :1])], dim=-1)  # the homogeneous column: 0
+            bo[:E] = self.out_proj.bias.detach().double()
+        return tuple(t.to(dtype) for t in (wq, wk, wv, wo, bo))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -125,8 +130,8 @@ class SimulatedMultiheadAttention(nn.Module):
         mask = self._key_mask(key_padding_mask, x, unbatched)
         if self.has_bias:
             x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        a, v = self.folded(x.dtype)
-        out, weights = self.simulator.attention(x, a.to(x.device), v.to(x.device), key_padding_mask=mask)
+        wq, wk, wv, wo, bo = (t.to(x.device) for t in self.folded(x.dtype))
+        out, weights = self.simulator.attention(x, wq, wk, wv, wo, key_padding_mask=mask, bo=bo)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)

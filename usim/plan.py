@@ -106,12 +106,12 @@ class Planner:
     def features(self, w: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(N, d_k) float64: the exact static features w (d_k, W) reads at positions (all L if None)."""
         used = [int(c) for c in nonzero_columns(w) if int(c) in self.column]
-        rows = self.positional if positions is None else self.positional[positions]
         n = self.length if positions is None else len(positions)
         if not used:
             return torch.zeros(n, w.shape[0], dtype=torch.float64)
-        values = rows[:, [self.column[c] for c in used]].double()
-        return values @ w[:, used].double().cpu().T
+        columns = torch.tensor([self.column[c] for c in used])
+        values = self.positional[:, columns] if positions is None else self.positional[positions[:, None], columns]
+        return values.double() @ w[:, used].double().cpu().T
 
     def key_features(self, w: torch.Tensor) -> torch.Tensor:
         """features(w) at every position, memoised by w's definition (heads share key reads)."""
@@ -124,11 +124,14 @@ class Planner:
     def _match_columns(self, qw: torch.Tensor, kw: torch.Tensor, qf: torch.Tensor):
         """The target columns if the tier is a ``match`` (a query column of -1s against the keys'
         sum of squares of the other columns), else None."""
-        kf = self.key_features(kw)
-        for c in range(qf.shape[1]):
-            others = [i for i in range(qf.shape[1]) if i != c]
-            if bool((qf[:, c] == -1).all()) and torch.equal(kf[:, c], (kf[:, others] ** 2).sum(1)):
-                return others
+        name = ("match", _definition(kw))
+        if name not in self.memo:  # the key side: a column equal to the sum of squares of the others
+            kf = self.key_features(kw)
+            self.memo[name] = [c for c in range(kf.shape[1]) if torch.equal(
+                kf[:, c], (kf[:, [i for i in range(kf.shape[1]) if i != c]] ** 2).sum(1))]
+        for c in self.memo[name]:
+            if bool((qf[:, c] == -1).all()):
+                return [i for i in range(qf.shape[1]) if i != c]
         return None
 
     def _sorted_codes(self, key_columns: list) -> tuple:

@@ -30,6 +30,7 @@ import torch
 from einops import einsum
 
 from usim.activations import activate
+from usim.average import dense_ordered_sum, ordered_sum
 from usim.plan import Planner, nonzero_columns, static_slots, written_slots
 
 # A position-only tier scored at run time (after a content tier) is tabulated up to this many scores.
@@ -63,27 +64,32 @@ class Liveness:
 
 
 class Entries:
-    """The buffer layout: slot s's live positions occupy offsets base[s] .. base[s] + count - 1."""
+    """The buffer layout: slot s's live positions, in order, at offsets base[s], base[s] + 1, ..."""
 
     def __init__(self, liveness: Liveness):
-        self.positions, self.base = {}, {}
+        self.masks, self.base, self.positions = liveness.masks, {}, {}
         size = 0
-        for s in sorted(liveness.masks):
-            self.positions[s] = liveness.masks[s].nonzero()[:, 0]
+        for s in sorted(self.masks):
             self.base[s] = size
-            size += len(self.positions[s])
-        self.size = size  # offset ``size`` is the sink for dead writes
+            size += int(self.masks[s].sum())
+        self.size = size  # offset ``size`` is the sink for dead writes, ``size + 1`` a constant 0
+        self.zero = size + 1
 
-    def offsets(self, slots, positions: torch.Tensor, reading: bool = True) -> torch.Tensor:
-        """(len(slots), *positions.shape) offsets of the entries; a dead entry is the sink."""
+    def live_positions(self, slot: int) -> torch.Tensor:
+        mask = self.masks.get(slot)
+        return torch.zeros(0, dtype=torch.long) if mask is None else mask.nonzero()[:, 0]
+
+    def offsets(self, slots, positions: torch.Tensor, reading: bool = True, valid=None) -> torch.Tensor:
+        """(len(slots), *positions.shape) offsets of the entries; a dead entry is the sink, and
+        where ``valid`` is False (the padding of a candidate table) the constant 0."""
         out = torch.full((len(slots), *positions.shape), self.size, dtype=torch.long)
-        flat = positions.reshape(-1)
         for i, s in enumerate(int(s) for s in slots):
-            live = self.positions.get(s)
-            if live is not None and len(live):
-                at = torch.searchsorted(live, flat).clamp_(max=len(live) - 1)
-                hit = live[at] == flat
-                out[i].view(-1)[hit] = self.base[s] + at[hit]
+            mask = self.masks.get(s)
+            if mask is not None:
+                rank = torch.cumsum(mask, 0) - 1 + self.base[s]  # offset of each live position
+                out[i] = torch.where(mask[positions], rank[positions], self.size)
+        if valid is not None:
+            out[:, ~valid] = self.zero
         if reading and bool((out == self.size).any()):
             raise RuntimeError("usim.program: a read of an entry that is not live (a bug in the liveness pass)")
         return out
@@ -128,7 +134,7 @@ class FFNStep:
 
 @dataclass
 class Program:
-    size: int  # entries per sequence, the sink included
+    size: int  # entries per sequence, the sink and the constant 0 included
     init: torch.Tensor  # (size,) the positional table at the live entries
     value_at: torch.Tensor  # (V,) offsets of the value slot ...
     value_pos: torch.Tensor  # (V,) ... at these positions
@@ -198,9 +204,9 @@ def _head_output(buf: torch.Tensor, head: HeadStep) -> torch.Tensor:
         keep = keep.to(buf.dtype)
         count = keep.sum(dim=-1)[:, None]  # (B, 1, Q)
         if head.kind == "dense":
-            mean = einsum(keep, values, "b q l, b j l -> b j q") / count
+            mean = dense_ordered_sum(keep, values.transpose(-1, -2)).transpose(-1, -2) / count
         else:
-            mean = einsum(keep, values, "b q c, b j q c -> b j q") / count
+            mean = ordered_sum(keep, values.permute(0, 2, 3, 1)).transpose(-1, -2) / count
     return einsum(head.out_coef, mean, "s j, b j q -> b s q")
 
 
@@ -253,12 +259,13 @@ def _liveness(encoder, planner: Planner):
                     continue
                 plan = planner.plan(a, h, queries)
                 keys = torch.arange(length) if plan.kind == "dense" else plan.index  # (L,), (Q,) or (Q, K)
+                used = keys if plan.valid is None else keys[plan.valid]  # not the padding of short rows
                 vreads = nonzero_columns(a.value[h])
-                live.mark(vreads, keys)
+                live.mark(vreads, used)
                 tiers = [] if plan.kind == "gather" else _scored_tiers(a, h, plan.first_dynamic)
                 for qr, kr, _ in tiers:
                     live.mark(qr, queries)
-                    live.mark(kr, keys)
+                    live.mark(kr, used)
                 heads.append((h, plan, keys, vreads, outs[h], tiers))
             if heads:
                 entry["attn"] = heads
@@ -277,7 +284,7 @@ def _attention_step(attn, heads, entries: Entries, static, positional) -> Attent
         if plan.kind == "gather" and len(vreads) == 1 and bool((terms.sum(1) == 1).all()):
             read = entries.offsets(vreads, keys)[0]
             for s, j in terms.nonzero().tolist():
-                moves.append((read, value_coef[j, 0].expand(len(read)), out_coef[s, j].expand(len(read)), acc_write[s]))
+                moves.append((read, float(value_coef[j, 0]), float(out_coef[s, j]), acc_write[s]))
             continue
         tier_reads = []
         for qr, kr, t in tiers:
@@ -289,15 +296,20 @@ def _attention_step(attn, heads, entries: Entries, static, positional) -> Attent
                 table = (q[:, None] * k).sum(-1) if plan.kind == "candidates" else q @ k.T
                 tier_reads.append((None, None, None, None, table))
                 continue
-            tier_reads.append((entries.offsets(qr, plan.queries), q_coef, entries.offsets(kr, keys), k_coef, None))
+            tier_reads.append((entries.offsets(qr, plan.queries), q_coef, entries.offsets(kr, keys, valid=plan.valid),
+                               k_coef, None))
         head_steps.append(HeadStep(
-            kind=plan.kind, value_read=entries.offsets(vreads, keys), value_coef=value_coef, out_coef=out_coef,
+            kind=plan.kind, value_read=entries.offsets(vreads, keys, valid=plan.valid), value_coef=value_coef, out_coef=out_coef,
             acc_write=acc_write, tiers=tier_reads, valid=plan.valid if plan.kind == "candidates" else None))
-    move = [torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-            for parts, dtype in zip(zip(*moves) if moves else [[]] * 4,
-                                    (torch.long, torch.float64, torch.float64, torch.long))]
-    unit = bool((move[1] == 1).all() and (move[2] == 1).all())
-    return AttentionStep(head_steps, acc_target, *move, unit)
+    unit = all(c_v == 1 and c_o == 1 for _, c_v, c_o, _ in moves)
+    read = torch.cat([m[0] for m in moves]) if moves else torch.zeros(0, dtype=torch.long)
+    write = torch.cat([m[3] for m in moves]) if moves else torch.zeros(0, dtype=torch.long)
+    if unit:  # plain copies: no coefficients to store
+        value = out = torch.zeros(0, dtype=torch.float64)
+    else:
+        value = torch.cat([torch.full((len(m[0]),), m[1], dtype=torch.float64) for m in moves])
+        out = torch.cat([torch.full((len(m[0]),), m[2], dtype=torch.float64) for m in moves])
+    return AttentionStep(head_steps, acc_target, read, value, out, write, unit)
 
 
 def _ffn_step(ffn, positions, reads, writes, entries: Entries) -> FFNStep:
@@ -332,15 +344,16 @@ def compile_encoder(encoder) -> Program:
             steps.append(_attention_step(layer.attn, entry["attn"], entries, static, positional))
         if "ffn" in entry:
             steps.append(_ffn_step(layer.ffn, *entry["ffn"], entries))
-    init = torch.zeros(entries.size + 1, dtype=torch.float64)
-    for s, positions in entries.positions.items():
+    init = torch.zeros(entries.size + 2, dtype=torch.float64)
+    for s in entries.masks:
         if s in column:
+            positions = entries.live_positions(s)
             init[entries.base[s]: entries.base[s] + len(positions)] = planner.positional[positions, column[s]].double()
     value = encoder.slots.index("value")
-    value_pos = entries.positions.get(value, torch.zeros(0, dtype=torch.long))
+    value_pos = entries.live_positions(value)
     readout = encoder.readout.cpu()[out_pos]
     read = torch.full((len(out_pos),), entries.size, dtype=torch.long)
     for s in readout.unique().tolist():
         at = readout == s
         read[at] = entries.offsets([s], out_pos[at])[0]
-    return Program(entries.size + 1, init, entries.offsets([value], value_pos)[0], value_pos, steps, out_pos, read)
+    return Program(entries.size + 2, init, entries.offsets([value], value_pos)[0], value_pos, steps, out_pos, read)

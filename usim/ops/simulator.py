@@ -1,23 +1,31 @@
 """The universal simulator U (Theorem 5, Lemma 7, Theorem 8, Corollaries 5.1, 5.2, 8.1).
 
-One encoder maps the packed sequence of (X, A_1..A_H, V_1..V_H, keep[, W1, W2, residual]) to
+One encoder maps the packed sequence of its inputs to the attention output. Two parameterisations:
 
-    Y = sum_h softmax(X A_h X^T, keys masked by keep) X V_h        (n x d)
-    out = relu(Y W1) W2 (+ Y when residual = 1)                  (with ffn_hidden)
+* the paper's (A, V) form, from (X, A_1..A_H, V_1..V_H, keep[, W1, W2, residual]):
 
-All routing between the steps is done by the encoder's own attention layers; the heads' chains run
-side by side in the same layers (``Builder.parallel``):
+      Y = sum_h softmax(X A_h X^T, keys masked by keep) X V_h        (n x d)
+      out = relu(Y W1) W2 (+ Y when residual = 1)                  (with ffn_hidden)
 
-    layer 1      X^T, X A_h, X V_h           (transpose, matmuls; bilinear FFN)
-    layer 2      S_h = (X A_h) X^T           (matmul)
-    layers 3-6   P_h = masked softmax(S_h)   (key flags, row max by attention, exp, row sum,
-                                              reciprocal, product)
-    layer 7      Y = sum_h P_h (X V_h)       (all heads' products summed by one FFN)
-    layers 8-11  relu(Y W1) W2 (+ Y)         (matmul, relu, matmul, residual) with ffn_hidden
+  stages: X A_h and X V_h; S_h = (X A_h) X^T; P_h = softmax(S_h); Y = sum over h and j of
+  P_h[i, j] (X V_h)[j, k] (one sum over all heads' terms); [relu(Y W1); (.) W2 + residual * Y].
+  Every head costs n * d^2 terms.
 
-Depth 7 (11 with the FFN sublayer); width 1 + 4 * heads * d heads (layer 1).
+* the factored form of ``nn.MultiheadAttention`` (``head_dim=r``), from (X, W_Q,h, W_K,h, W_V,h
+  (d x r), W_O,h (r x d), b_O, keep):
 
-Activations: bilinear, exp, reciprocal, identity, relu.
+      Y = sum_h softmax((X W_Q,h)(X W_K,h)^T, keys masked) (X W_V,h) W_O,h + b_O
+
+  stages: X W_Q,h, X W_K,h, X W_V,h; S_h = Q_h K_h^T; P_h = softmax(S_h); O_h = P_h V_h;
+  Y = sum over h and j of O_h[i, j] W_O,h[j, k] + 1 * b_O[k]. Every head costs n * d * r terms.
+
+Both are built by ``usim.ops.pipeline``: every product term is a token of its own, a matmul stage
+is two layers (fetch the two operands and multiply; average the terms and scale back), the softmax
+three, and the stream width and head count do not grow with n, d or the number of heads. All
+routing between the steps is done by the encoder's own attention layers.
+
+Depth: (A, V) form 9 (13 with ffn_hidden); factored form 11. Activations: bilinear, identity, exp,
+reciprocal (+ relu).
 """
 
 from __future__ import annotations
@@ -25,92 +33,113 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from usim.construct import FFN, Builder, Head, Unit, match
-from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
-from usim.ops.matmul import matmul_layers
-from usim.ops.softmax import softmax_layers
-from usim.ops.transpose import transpose_layer
+from usim.ops.pipeline import Pipeline, Product, matrix
 
 
-def _blocks(n: int, d: int, heads: int, ffn_hidden: int | None) -> Layout:
-    inputs = {"x": (n, d)}
-    inputs.update({f"a{h}": (d, d) for h in range(heads)})
-    inputs.update({f"v{h}": (d, d) for h in range(heads)})
-    inputs["keep"] = (n,)
-    scratch = {"xt": (d, n)}
-    for h in range(heads):
-        scratch.update({f"xa{h}": (n, d), f"xv{h}": (n, d)})
-    # The attention weights P_h are outputs too (read by ``attention``), after the result.
-    weights = {f"s{h}": (n, n) for h in range(heads)}
+def _per_head(blocks: list[str], rows: str, cols: str, size: int):
+    """Operand over heads stacked along the term index: term t reads blocks[t // size] at
+    (rows, cols) with t % size in place of "t"."""
+    def operand(i, k, t):
+        pick = {"i": i, "k": k, "t": t % size}
+        return [blocks[j // size] for j in range(size * len(blocks))], pick[rows], pick[cols]
+    return operand
+
+
+def _with_last_term(operand, block: str, rows, cols, terms: int):
+    """operand for t < terms - 1, and (block, rows(i, k), cols(i, k)) for the last term."""
+    def combined(i, k, t):
+        names, r, c = operand(i, k, t.clamp(max=terms - 2))
+        last = t == terms - 1
+        names = list(names) if not isinstance(names, str) else [names] * (terms - 1)
+        return names[: terms - 1] + [block], torch.where(last, rows(i, k), r), torch.where(last, cols(i, k), c)
+    return combined
+
+
+def _zero(i, k):
+    return torch.zeros_like(i)
+
+
+def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline:
+    inputs = {"x": (n, d), **{f"a{h}": (d, d) for h in range(heads)}, **{f"v{h}": (d, d) for h in range(heads)}}
+    weights = {f"s{h}": (n, n) for h in range(heads)}  # the attention weights are outputs too
     if ffn_hidden is None:
-        return Layout.of(inputs, {"y": (n, d), **weights}, scratch)
-    inputs.update({"w1": (d, ffn_hidden), "w2": (ffn_hidden, d), "residual": (1,)})
-    scratch.update({"y": (n, d), "hidden": (n, ffn_hidden)})
-    return Layout.of(inputs, {"out": (n, d), **weights}, scratch)
+        pipe = Pipeline({**inputs, "keep": (n,)}, {"y": (n, d), **weights})
+    else:
+        inputs.update({"w1": (d, ffn_hidden), "w2": (ffn_hidden, d), "residual": (1,), "keep": (n,)})
+        pipe = Pipeline(inputs, {"out": (n, d), **weights})
+    xa = [pipe.block(f"xa{h}", (n, d)) for h in range(heads)]
+    xv = [pipe.block(f"xv{h}", (n, d)) for h in range(heads)]
+    pipe.matmul("xa.", [Product(xa[h], d, matrix("x", "i", "t"), matrix(f"a{h}", "t", "k")) for h in range(heads)]
+                + [Product(xv[h], d, matrix("x", "i", "t"), matrix(f"v{h}", "t", "k")) for h in range(heads)])
+    pipe.matmul("s.", [Product(f"s{h}", d, matrix(xa[h], "i", "t"), matrix("x", "k", "t")) for h in range(heads)])
+    pipe.softmax("p.", list(weights), keep="keep")
+    y = pipe.block("y", (n, d))
+    pipe.matmul("y.", [Product(y, heads * n, _per_head(list(weights), "i", "t", n), _per_head(xv, "t", "k", n))])
+    if ffn_hidden is not None:
+        hidden = pipe.block("hidden", (n, ffn_hidden))
+        pipe.matmul("w1.", [Product(hidden, d, matrix(y, "i", "t"), matrix("w1", "t", "k"))], activation="relu")
+        terms = ffn_hidden + 1  # the last term is residual * y[i, k]
+        pipe.matmul("w2.", [Product("out", terms,
+                                    _with_last_term(matrix(hidden, "i", "t"), "residual", _zero, _zero, terms),
+                                    _with_last_term(matrix("w2", "t", "k"), y, lambda i, k: i, lambda i, k: k,
+                                                    terms))])
+    return pipe
+
+
+def _factored_pipeline(n: int, d: int, heads: int, r: int) -> Pipeline:
+    proj = ("wq", "wk", "wv")
+    inputs = {"x": (n, d), **{f"{w}{h}": (d, r) for w in proj for h in range(heads)},
+              **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,), "keep": (n,)}
+    weights = {f"s{h}": (n, n) for h in range(heads)}
+    pipe = Pipeline(inputs, {"y": (n, d), **weights})
+    q, k, v, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "k", "v", "o"))
+    pipe.matmul("qkv.", [Product(blk[h], d, matrix("x", "i", "t"), matrix(f"{w}{h}", "t", "k"))
+                         for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
+    pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t")) for h in range(heads)])
+    pipe.softmax("p.", list(weights), keep="keep")
+    pipe.matmul("pv.", [Product(o[h], n, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
+    terms = heads * r + 1  # the last term is 1 * b_O[k]
+    pipe.matmul("out.", [Product("y", terms,
+                                 _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
+                                 _with_last_term(_per_head([f"wo{h}" for h in range(heads)], "t", "k", r), "bo",
+                                                 _zero, lambda i, k: k, terms))])
+    return pipe
 
 
 @register
 class UniversalSimulator(Construction):
-    """forward(x (..., n, d), a, v, key_padding_mask=None[, w1, w2, residual]) -> (..., n, d).
+    """forward(x (..., n, d), *weights, key_padding_mask=None, ...) -> (..., n, d).
 
-    a and v are (d, d) or (heads, d, d), optionally batched. key_padding_mask (..., n) is True
-    where a key (token of x) is ignored. A U built for (n, d) also computes any smaller problem
-    (n' <= n, d' <= d): inputs are padded with zeros and the padded tokens masked out of the softmax.
+    (A, V) form: weights = a, v, each (d, d) or (heads, d, d), optionally batched; with
+    ``ffn_hidden`` also w1, w2, residual. Factored form (``head_dim=r``): weights = wq, wk, wv
+    ((heads, d, r) or (d, r) for one head), wo ((heads, r, d) or (r, d)), and bo (d,) optional.
+    key_padding_mask (..., n) is True where a key (token of x) is ignored. A U built for (n, d[, r])
+    also computes any smaller problem: inputs are padded with zeros and the padded tokens masked out
+    of the softmax.
     """
 
     def __init__(self, n: int, d: int, heads: int = 1, ffn_hidden: int | None = None, *,
-                 execution: str = "fast"):
+                 head_dim: int | None = None, execution: str = "fast"):
         check_size("n", n)
         check_size("d", d)
         check_size("heads", heads)
         if ffn_hidden is not None:
             check_size("ffn_hidden", ffn_hidden)
-        layout = _blocks(n, d, heads, ffn_hidden)
-        b = Builder(layout)
-        b.standard_positions()
-        b.slot("xt")
-
-        def first(h):
-            def branch():
-                matmul_layers(b, ("x", "value"), (f"a{h}", "value"), (f"xa{h}", b.slot(f"xa{h}")), tag=f"xa{h}.")
-            return branch
-
-        def second(h):
-            def branch():
-                matmul_layers(b, ("x", "value"), (f"v{h}", "value"), (f"xv{h}", b.slot(f"xv{h}")), tag=f"xv{h}.")
-            return branch
-
-        b.parallel(lambda: transpose_layer(b, "x", "xt", "value", "xt"),
-                   *[first(h) for h in range(heads)], *[second(h) for h in range(heads)])
-        b.parallel(*[(lambda h=h: matmul_layers(b, (f"xa{h}", f"xa{h}"), ("xt", "xt"), (f"s{h}", b.slot(f"s{h}")),
-                                                tag=f"s{h}.")) for h in range(heads)])
-        b.parallel(*[(lambda h=h: softmax_layers(b, (f"s{h}", f"s{h}"), (f"s{h}", b.slot(f"p{h}")), tag=f"p{h}.",
-                                                 key_valid=("keep", "value"))) for h in range(heads)])
-        b.slot("y")
-        b.parallel(*[(lambda h=h: matmul_layers(b, (f"s{h}", f"p{h}"), (f"xv{h}", f"xv{h}"), ("y", "y"),
-                                                tag=f"y{h}.")) for h in range(heads)])
+        if head_dim is not None:
+            check_size("head_dim", head_dim)
+            if ffn_hidden is not None:
+                raise ValueError("ffn_hidden is for the (A, V) form; the factored form (head_dim) has none")
+        pipe = _av_pipeline(n, d, heads, ffn_hidden) if head_dim is None else _factored_pipeline(n, d, heads, head_dim)
+        b, layout = pipe.build()
         for h in range(heads):
-            b.result(f"s{h}", f"p{h}")
-        if ffn_hidden is None:
-            b.result("y", "y")
-        else:
-            matmul_layers(b, ("y", "y"), ("w1", "value"), ("hidden", b.slot("hidden")), tag="w1.")
-            b.slot("z")
-            b.layer(ffn=FFN("relu", [Unit("hidden", "z")]))
-            # out = z W2 + residual * y: fetch y and the residual flag, then add.
-            b.slot("out")
-            matmul_layers(b, ("hidden", "z"), ("w2", "value"), ("out", "out"), tag="w2.")
-            b.slot("y_here")
-            b.slot("flag")
-            residual_block = layout.block_index("residual")
-            b.layer([Head([match({"block": residual_block})], [("value", "flag")], name="residual flag"),
-                     Head([match({"block": layout.block_index("y"), "row": "row", "col": "col"})],
-                          [("y", "y_here")], name="y at out")],
-                    FFN("bilinear", [Unit("flag", "out", gate="y_here")]))
-            b.result("out", "out")
-        super().__init__(b.build(), layout, {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden},
-                         execution=execution)
+            b.result(f"s{h}", pipe.home[f"s{h}"])
+        result = "y" if "y" in [blk.name for blk in layout.outputs] else "out"
+        b.result(result, pipe.home[result])
+        args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden}
+        if head_dim is not None:
+            args = {"n": n, "d": d, "heads": heads, "head_dim": head_dim}
+        super().__init__(b.build(), layout, args, execution=execution)
 
     @property
     def n(self) -> int:
@@ -124,13 +153,28 @@ class UniversalSimulator(Construction):
     def heads(self) -> int:
         return self.args["heads"]
 
-    def forward(self, x, a, v, key_padding_mask=None, w1=None, w2=None, residual: bool = False):
-        return self.attention(x, a, v, key_padding_mask, w1, w2, residual)[0]
+    @property
+    def head_dim(self) -> int | None:
+        return self.args.get("head_dim")
 
-    def attention(self, x, a, v, key_padding_mask=None, w1=None, w2=None, residual: bool = False):
+    def forward(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None):
+        return self.attention(x, *weights, key_padding_mask=key_padding_mask, w1=w1, w2=w2, residual=residual,
+                              bo=bo)[0]
+
+    def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None):
         """(output (..., n, d), attention weights (..., heads, n, n)), both read from the encoder."""
-        n, d, heads, hidden = self.n, self.d, self.heads, self.args["ffn_hidden"]
-        for name, t in (("x", x), ("a", a), ("v", v)):
+        n, d, heads = self.n, self.d, self.heads
+        factored = self.head_dim is not None
+        names = ("wq", "wk", "wv", "wo") if factored else ("a", "v")
+        if not factored and 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
+            extra = dict(zip(("key_padding_mask", "w1", "w2", "residual"), weights[2:]))
+            weights = weights[:2]
+            key_padding_mask = extra.get("key_padding_mask", key_padding_mask)
+            w1, w2, residual = extra.get("w1", w1), extra.get("w2", w2), extra.get("residual", residual)
+        if len(weights) != len(names):
+            raise TypeError(f"this U ({'factored, head_dim=' + str(self.head_dim) if factored else '(A, V) form'}) "
+                            f"takes x and {', '.join(names)}; got {1 + len(weights)} arrays")
+        for name, t in (("x", x), *zip(names, weights)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if x.dim() < 2:
@@ -138,21 +182,33 @@ class UniversalSimulator(Construction):
         n_in, d_in = x.shape[-2:]
         if n_in > n or d_in > d:
             raise ValueError(f"x is (..., {n_in}, {d_in}) but this U was built for n <= {n}, d <= {d}")
-        a = self._per_head("a", a, d_in)
-        v = self._per_head("v", v, d_in)
-        if key_padding_mask is None:
-            key_padding_mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (n_in,):
-            raise ValueError(f"key_padding_mask must be bool (..., {n_in}), got {key_padding_mask.dtype} "
-                             f"{tuple(key_padding_mask.shape)}")
-        if key_padding_mask.all(-1).any():
-            raise ValueError("key_padding_mask masks every key of some item: the softmax is undefined")
-        # Universality by padding: zero rows/columns, padded tokens masked out of the softmax.
+        keep = self._keep(key_padding_mask, x, n_in)
         x = F.pad(x, (0, d - d_in, 0, n - n_in))
+        if factored:
+            arrays = self._factored_inputs(x, weights, bo, d_in)
+        else:
+            arrays = self._av_inputs(x, weights, d_in, w1, w2, residual)
+        out, *probs = self.run(*arrays, keep)
+        return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :n_in]
+
+    def _keep(self, mask, x, n_in):
+        """Key flags (..., n): 1 keeps a token; padded tokens are masked."""
+        if mask is None:
+            mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool or mask.shape[-1:] != (n_in,):
+            raise ValueError(f"key_padding_mask must be bool (..., {n_in}), got {mask.dtype} {tuple(mask.shape)}")
+        if mask.all(-1).any():
+            raise ValueError("key_padding_mask masks every key of some item: the softmax is undefined")
+        return F.pad((~mask).to(x.dtype), (0, self.n - n_in))
+
+    def _av_inputs(self, x, weights, d_in, w1, w2, residual):
+        d, hidden = self.d, self.args["ffn_hidden"]
+        a, v = (self._per_head(name, t, (d_in, d_in)) for name, t in zip(("a", "v"), weights))
         a = F.pad(a, (0, d - d_in, 0, d - d_in))
         v = F.pad(v, (0, d - d_in, 0, d - d_in))
-        keep = F.pad((~key_padding_mask).to(x.dtype), (0, n - n_in))
-        arrays = [x, *a.unbind(-3), *v.unbind(-3), keep]
+        arrays = [x, *a.unbind(-3), *v.unbind(-3)]
         if hidden is not None:
             if w1 is None or w2 is None:
                 raise ValueError("this U has an FFN sublayer: pass w1 (d, ffn_hidden) and w2 (ffn_hidden, d)")
@@ -163,13 +219,28 @@ class UniversalSimulator(Construction):
             arrays += [F.pad(w1, (0, 0, 0, d - d_in)), F.pad(w2, (0, d - d_in)), flag]
         elif w1 is not None or w2 is not None:
             raise ValueError("w1/w2 given but this U was built without ffn_hidden")
-        out, *weights = self.run(*arrays)
-        return out[..., :n_in, :d_in], torch.stack(weights, dim=-3)[..., :n_in, :n_in]
+        return arrays
 
-    def _per_head(self, name, t, d_in):
+    def _factored_inputs(self, x, weights, bo, d_in):
+        d, r = self.d, self.head_dim
+        wq, wk, wv, wo = weights
+        r_in = wq.shape[-1] if wq.dim() >= 2 else 0
+        if r_in > r:
+            raise ValueError(f"wq is {tuple(wq.shape)}: head_dim {r_in} exceeds this U's head_dim {r}")
+        wq, wk, wv = (F.pad(self._per_head(name, t, (d_in, r_in)), (0, r - r_in, 0, d - d_in))
+                      for name, t in zip(("wq", "wk", "wv"), (wq, wk, wv)))
+        wo = F.pad(self._per_head("wo", wo, (r_in, d_in)), (0, d - d_in, 0, r - r_in))
+        if bo is None:
+            bo = x.new_zeros(d_in)
+        if not isinstance(bo, torch.Tensor) or bo.shape[-1:] != (d_in,):
+            raise ValueError(f"bo must be a tensor (..., {d_in}), got {tuple(getattr(bo, 'shape', ()))}")
+        one = torch.ones(1, dtype=x.dtype, device=x.device)
+        return [x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), F.pad(bo, (0, d - d_in)), one]
+
+    def _per_head(self, name, t, shape):
         if t.dim() == 2:
             t = t[None]
-        if t.dim() < 3 or t.shape[-2:] != (d_in, d_in) or t.shape[-3] != self.heads:
-            raise ValueError(f"{name} must be ({d_in}, {d_in}) or (..., {self.heads}, {d_in}, {d_in}) "
-                             f"for this U with heads={self.heads}, got {tuple(t.shape)}")
+        if t.dim() < 3 or tuple(t.shape[-2:]) != tuple(shape) or t.shape[-3] != self.heads:
+            raise ValueError(f"{name} must be ({shape[0]}, {shape[1]}) or (..., {self.heads}, {shape[0]}, "
+                             f"{shape[1]}) for this U with heads={self.heads}, got {tuple(t.shape)}")
         return t

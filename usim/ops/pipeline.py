@@ -1,0 +1,251 @@
+"""Matrix pipelines with one token per product term: a narrow stream whatever the sizes.
+
+``matmul_layers`` (usim/ops/matmul.py) fetches the m terms of an inner product into m slots of the
+output token: the stream width and the head count grow with the matrices. Here every term of every
+product is a token of its own, so the stream and the heads stay the same for any size and only
+the sequence grows; the weights are small and dense again.
+
+A product out = sum_t left_t * right_t, out of shape (n, p) with T terms, gets a scratch *term
+block* (n, p, T). Term token (i, k, t) carries, as positional slots, the *addresses* of its two
+operands, (block, row, col) each: ``fa.*`` for the left one and ``fb.*`` for the right one. Output
+token (i, k) carries the address of its terms, ``rd.* = (term block, i, k)``. A matmul stage of any
+number of products is two layers:
+
+    layer 1  fetch heads: key (block, row, col) == the query's fa (resp. fb): copy the operand's
+             slot into slot a (resp. b);  FFN bilinear: term = a * b (one rounding, as in torch)
+    layer 2  reduce head (averaging): keys (block, row, col) == the query's rd, i.e. the T terms of
+             (i, k): their mean, summed in key order;  FFN: out = act(T * mean) (identity or relu)
+
+Every other token's addresses point at ``null``, a scratch token whose addresses point at itself:
+every slot a matmul stage writes is 0 there, so a token that takes no part in a stage reads zeros.
+Every operand lives in one slot of its block, its *home*: ``value`` for input blocks, the stage's
+output slot for its outputs, ``p`` for softmax outputs. One side of a stage may read operands of
+two homes: ``value`` and one matmul output slot, since each is exactly 0 where the other lives
+(an input block is 0 in every stage output slot, an intermediate block is 0 in ``value``).
+
+A softmax stage, row-wise over blocks of m columns (Lemma 3, as in usim/ops/softmax.py), is three
+layers: the row maximum by attention (over the kept keys) then exp(s - max - MASKED * drop); the
+row mean of e (averaging head) then r = 1 / (m * mean); then p = e * r. With a key mask, a head in
+the first layer of the pipeline copies 1 - keep[col] into ``drop``.
+
+All scores are exact small integers (block indices and coordinates), never raw positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
+from usim.layout import Layout
+from usim.ops.softmax import MASKED
+
+ADDRESS = ("block", "row", "col")
+
+
+@dataclass
+class Product:
+    """out (n, p) = sum over t < terms of left(i, k, t) * right(i, k, t).
+
+    left and right map index tensors (i, k, t) of the term tokens to operand addresses
+    (block name or list of block names per term, row tensor, col tensor)."""
+
+    out: str
+    terms: int
+    left: Callable
+    right: Callable
+
+
+class Pipeline:
+    """Declare input/output blocks and stages, then ``build()`` the builder with every layer."""
+
+    def __init__(self, inputs: dict, outputs: dict):
+        self.inputs, self.outputs = dict(inputs), dict(outputs)
+        self.scratch: dict = {"null": (1,)}
+        self.home = {name: "value" for name in self.inputs}
+        self.stages: list = []
+        self.keep: str | None = None
+
+    def shape(self, block: str) -> tuple:
+        for blocks in (self.inputs, self.outputs, self.scratch):
+            if block in blocks:
+                return tuple(blocks[block])
+        raise ValueError(f"no block {block!r}")
+
+    def block(self, name: str, shape) -> str:
+        """A scratch block for an intermediate matrix (unless it is an output)."""
+        if name not in self.outputs:
+            self.scratch[name] = tuple(shape)
+        return name
+
+    def matmul(self, tag: str, products: list[Product], activation: str = "identity") -> str:
+        """A stage computing every product (each into its out block) in two layers; returns the
+        stage's output slot. All products of a stage have the same number of terms."""
+        if len({p.terms for p in products}) != 1:
+            raise ValueError(f"stage {tag!r}: every product needs the same number of terms, "
+                             f"got {[p.terms for p in products]}")
+        if activation not in ("identity", "relu"):
+            raise ValueError(f"stage {tag!r}: activation must map 0 to 0 (identity or relu), got {activation!r}")
+        out = f"{tag}out"
+        for p in products:
+            if len(self.shape(p.out)) != 2:
+                raise ValueError(f"stage {tag!r}: output block {p.out!r} must be a matrix")
+            self.scratch[f"{tag}terms:{p.out}"] = (*self.shape(p.out), p.terms)
+        self.stages.append(("matmul", tag, products, activation))
+        for p in products:
+            self.home[p.out] = out
+        return out
+
+    def softmax(self, tag: str, blocks: list[str], keep: str | None = None) -> str:
+        """Row-wise softmax of each block (its home slot) into slot ``tag + "p"``, keys masked by the
+        flags of block ``keep`` (m,) (1 keeps a column); returns the slot."""
+        widths = {self.shape(b)[-1] for b in blocks}
+        if len(widths) != 1 or any(len(self.shape(b)) != 2 for b in blocks):
+            raise ValueError(f"softmax {tag!r}: blocks must be matrices with one row length, "
+                             f"got {[self.shape(b) for b in blocks]}")
+        if keep is not None and self.shape(keep) != (widths.pop(),):
+            raise ValueError(f"softmax {tag!r}: key flags {keep!r} must have one flag per column")
+        self.stages.append(("softmax", tag, blocks, keep))
+        for b in blocks:
+            self.home[b] = f"{tag}p"
+        return f"{tag}p"
+
+    # --- building -------------------------------------------------------------------------
+    def build(self) -> tuple[Builder, Layout]:
+        layout = Layout.of(self.inputs, self.outputs, self.scratch)
+        b = Builder(layout)
+        index = {blk.name: i for i, blk in enumerate(layout.blocks)}
+        _coordinates(b, layout)
+        null = index["null"]
+        addresses = {f"{side}.{a}": torch.zeros(layout.length, dtype=torch.long) for side in ("fa", "fb", "rd")
+                     for a in ADDRESS}
+        for side in ("fa", "fb", "rd"):
+            addresses[f"{side}.block"][:] = null
+        homes: dict = {}
+        for kind, tag, products, _ in self.stages:
+            if kind != "matmul":
+                continue
+            for p in products:
+                term_block = f"{tag}terms:{p.out}"
+                n, q, terms = self.scratch[term_block]
+                i, k, t = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q),
+                                                                  torch.arange(terms), indexing="ij"))
+                span = layout.span(term_block)
+                for side, operand in (("fa", p.left), ("fb", p.right)):
+                    blocks, rows, cols = operand(i, k, t)
+                    per_term = [blocks] * terms if isinstance(blocks, str) else list(blocks)
+                    if len(per_term) != terms:
+                        raise ValueError(f"stage {tag!r}: {len(per_term)} operand blocks for {terms} terms")
+                    block_of = torch.tensor([index[name] for name in per_term])[t]
+                    for name in set(per_term):
+                        homes.setdefault((tag, side), set()).add(self.home_at(name, tag))
+                        at = block_of == index[name]
+                        _check_inside(tag, name, self.shape(name), torch.as_tensor(rows)[at], torch.as_tensor(cols)[at])
+                    addresses[f"{side}.block"][span.start: span.stop] = block_of
+                    addresses[f"{side}.row"][span.start: span.stop] = torch.as_tensor(rows)
+                    addresses[f"{side}.col"][span.start: span.stop] = torch.as_tensor(cols)
+                out_span = layout.span(p.out)
+                rows, cols = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q), indexing="ij"))
+                addresses["rd.block"][out_span.start: out_span.stop] = index[term_block]
+                addresses["rd.row"][out_span.start: out_span.stop] = rows
+                addresses["rd.col"][out_span.start: out_span.stop] = cols
+        for name, values in addresses.items():
+            b.positional(name, values)
+        self._layers(b, index, homes)
+        return b, layout
+
+    def home_at(self, block: str, tag: str) -> str:
+        """The slot holding block's values when stage ``tag`` runs (its home then)."""
+        home = "value" if block in self.inputs else None
+        for kind, stage_tag, items, _ in self.stages:
+            if stage_tag == tag:
+                break
+            if kind == "matmul" and block in [p.out for p in items]:
+                home = f"{stage_tag}out"
+            if kind == "softmax" and block in items:
+                home = f"{stage_tag}p"
+        if home is None:
+            raise ValueError(f"stage {tag!r} reads block {block!r} before any stage computes it")
+        return home
+
+    def _layers(self, b: Builder, index: dict, homes: dict) -> None:
+        first = True
+        for kind, tag, items, option in self.stages:
+            if kind == "matmul":
+                a, c, term, mean, out = (b.slot(f"{tag}{s}") for s in ("a", "b", "term", "mean", "out"))
+                heads = []
+                for side, slot in (("fa", a), ("fb", c)):
+                    sources = sorted(homes[tag, side])
+                    mixed = len(sources) > 1
+                    if mixed and (len(sources) > 2 or "value" not in sources or
+                                  not any(s.endswith("out") and s != "value" for s in sources)):
+                        raise ValueError(f"stage {tag!r}: one side reads operands of homes {sources}; it may "
+                                         "mix only 'value' and one matmul output")
+                    target = match({name: f"{side}.{name}" for name in ADDRESS})
+                    heads += [Head([target], [(src, slot)], name=f"{tag}{side} from {src}") for src in sources]
+                if first and self.keep_flags:
+                    heads.append(self._drop_head(b, index))
+                first = False
+                b.layer(heads, FFN("bilinear", [Unit(a, term, gate=c)]))
+                terms = items[0].terms
+                reduce = Head([match({name: f"rd.{name}" for name in ADDRESS})], [(term, mean)],
+                              name=f"{tag}sum", average=True)
+                b.layer([reduce], FFN(option, [Unit({mean: float(terms)}, out)]))
+            else:
+                self._softmax_layers(b, tag, items, option)
+
+    @property
+    def keep_flags(self) -> str | None:
+        keeps = {option for kind, _, _, option in self.stages if kind == "softmax" and option is not None}
+        if len(keeps) > 1:
+            raise ValueError(f"one key mask per pipeline, got {sorted(keeps)}")
+        return keeps.pop() if keeps else None
+
+    def _drop_head(self, b: Builder, index: dict) -> Head:
+        """drop = 1 - keep[col] at every token (read by the softmax stages at their blocks)."""
+        b.slot("drop")
+        keep = self.keep_flags
+        return Head([match({"block": index[keep], "col": "col"})], [({ONE: 1.0, "value": -1.0}, "drop")],
+                    name="key flags")
+
+    def _softmax_layers(self, b: Builder, tag: str, blocks: list[str], keep) -> None:
+        src = self.home_at(blocks[0], tag)
+        if any(self.home_at(blk, tag) != src for blk in blocks):
+            raise ValueError(f"softmax {tag!r}: every block must live in one slot")
+        m = self.shape(blocks[0])[-1]
+        top, e, mean, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "r", "p"))
+        row = match({"block": "block", "row": "row"})
+        kept = [maximize("drop", -1.0)] if keep is not None else []
+        exp_in = {src: 1.0, top: -1.0, **({"drop": -MASKED} if keep is not None else {})}
+        b.layer([Head([row, *kept, maximize(src)], [(src, top)], name=f"{tag}max")], FFN("exp", [Unit(exp_in, e)]))
+        b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
+                FFN("reciprocal", [Unit({mean: float(m)}, r)]))
+        b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
+
+
+def _coordinates(b: Builder, layout: Layout) -> None:
+    """Positional slots block, row, col with squares: a matrix's row and column; a vector is one
+    row; a term block (n, p, T) is addressed by its output entry (i, k)."""
+    b.positional_from("block", lambda blk, i, c: i)
+    b.positional_from("row", lambda blk, i, c: c[:, 0] if c.shape[1] > 1 else 0)
+    b.positional_from("col", lambda blk, i, c: c[:, 1] if c.shape[1] > 1 else c[:, 0])
+
+
+def _check_inside(tag: str, name: str, shape: tuple, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Every address must name an entry of its block (ValueError with the sizes otherwise)."""
+    n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape[:2]
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_cols):
+        raise ValueError(f"stage {tag!r}: operand addresses rows {int(rows.min())}..{int(rows.max())}, cols "
+                         f"{int(cols.min())}..{int(cols.max())} fall outside block {name!r} of shape {shape}")
+
+
+def matrix(block: str, rows: str = "i", cols: str = "t"):
+    """An operand read from one block: rows and cols each name an index of the term token
+    ("i", "k" or "t"), e.g. matrix("a", "i", "t") for A[i, t] or matrix("x", "k", "t") for X^T[t, k].
+    (An operand may also be any function (i, k, t) -> (block name or one name per term, rows, cols).)"""
+    def operand(i, k, t):
+        pick = {"i": i, "k": k, "t": t}
+        return block, pick[rows], pick[cols]
+    return operand
