@@ -139,10 +139,7 @@ class Layout:
             raise ValueError(f"all arrays must share one dtype, got {[str(a.dtype) for a in arrays]}")
         if len({a.device for a in arrays}) > 1:
             raise ValueError(f"all arrays must be on one device, got {[str(a.device) for a in arrays]}")
-        try:
-            return torch.broadcast_shapes(*batch_shapes)
-        except RuntimeError:
-            raise ValueError(f"batch shapes do not broadcast: {[tuple(s) for s in batch_shapes]}") from None
+        return _broadcast(batch_shapes)
 
     def unpack(self, seq: torch.Tensor, batch_shape=None, blocks=None):
         """(B, L) or (L,) sequence -> the output block(s), shaped batch_shape + block shape.
@@ -170,3 +167,15 @@ class Layout:
             return cls([Block(d["name"], tuple(d["shape"]), d["role"]) for d in data])
         except (KeyError, TypeError) as e:
             raise ValueError(f"layout metadata is malformed: {e}") from None
+
+
+def _broadcast(shapes) -> torch.Size:
+    """The broadcast of batch shapes (torch.broadcast_shapes imports sympy on first use: seconds)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, size in enumerate(shape, start=ndim - len(shape)):
+            if size != out[i] and 1 not in (size, out[i]):
+                raise ValueError(f"batch shapes do not broadcast: {[tuple(s) for s in shapes]}")
+            out[i] = size if out[i] == 1 else out[i]
+    return torch.Size(out)

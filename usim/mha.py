@@ -17,13 +17,47 @@ simulator's encoder. Without bias the homogeneous coordinate is dropped (d = E).
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from usim.engine import EXECUTIONS
 from usim.ops.base import check_size
 from usim.ops.simulator import UniversalSimulator
+
+# One U per (seq_len, d, heads, head_dim, execution), shared by every drop-in of those sizes: the
+# MHA weights are U's *inputs*, so six MiniLM layers need one encoder and one compiled program.
+_SIMULATORS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+
+def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, execution: str) -> UniversalSimulator:
+    """The U of these sizes, built on first use and kept while a drop-in holds it."""
+    key = (seq_len, d, heads, head_dim, execution)
+    with _LOCK:
+        simulator = _SIMULATORS.get(key)
+        if simulator is None:
+            simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, execution=execution)
+            _SIMULATORS[key] = simulator
+        return simulator
+
+
+class _Shared:
+    """Holds a shared simulator outside the module tree: not in state_dict, not copied by deepcopy,
+    pickled as its sizes (rebuilt or found again on load)."""
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.module = shared_simulator(*key)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _Shared, (self.key,)
 
 
 class SimulatedMultiheadAttention(nn.Module):
@@ -57,17 +91,23 @@ class SimulatedMultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         if bias:
             nn.init.zeros_(self.out_proj.bias)
-        self.simulator = UniversalSimulator(seq_len, embed_dim + int(bias), heads=num_heads, head_dim=self.head_dim,
-                                            execution=execution)
-        self.simulator.to(device=device)
+        self.execution = execution
+
+    @property
+    def simulator(self) -> UniversalSimulator:
+        """The U computing this attention (shared by every drop-in of the same sizes; not state)."""
+        return self._shared.module
 
     @property
     def execution(self) -> str:
-        return self.simulator.execution
+        return self._shared.key[-1]
 
     @execution.setter
     def execution(self, mode: str) -> None:
-        self.simulator.execution = mode
+        if mode not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+        d = self.embed_dim + int(self.has_bias)
+        self._shared = _Shared((self.seq_len, d, self.num_heads, self.head_dim, mode))
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast") -> "SimulatedMultiheadAttention":

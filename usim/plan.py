@@ -100,7 +100,17 @@ class Planner:
         self.static = static_slots(encoder)
         self.positional = encoder.positional.cpu()  # (L, P) small integers
         self.column = {int(s): i for i, s in enumerate(encoder.positional_slots.cpu())}
+        self.columns: dict = {}  # slot -> its positional column, contiguous (fast to gather from)
         self.memo: dict = {}
+
+    def values(self, slot: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The positional values of a slot (int) at positions (all L if None); 0 if not positional."""
+        if slot not in self.column:
+            return torch.zeros(self.length if positions is None else len(positions), dtype=torch.int32)
+        if slot not in self.columns:
+            self.columns[slot] = self.positional[:, self.column[slot]].contiguous()
+        column = self.columns[slot]
+        return column if positions is None else column[positions]
 
     # --- static features -----------------------------------------------------------------
     def features(self, w: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -109,16 +119,12 @@ class Planner:
         n = self.length if positions is None else len(positions)
         if not used:
             return torch.zeros(n, w.shape[0], dtype=torch.float64)
-        columns = torch.tensor([self.column[c] for c in used])
-        values = self.positional[:, columns] if positions is None else self.positional[positions[:, None], columns]
-        return values.double() @ w[:, used].double().cpu().T
+        values = torch.stack([self.values(c, positions) for c in used], dim=1).double()
+        return values @ w[:, used].double().cpu().T
 
     def key_features(self, w: torch.Tensor) -> torch.Tensor:
-        """features(w) at every position, memoised by w's definition (heads share key reads)."""
-        name = ("keys", _definition(w))
-        if name not in self.memo:
-            self.memo[name] = self.features(w)
-        return self.memo[name]
+        """features(w) at every position (what the memo keeps of it is the sorted codes)."""
+        return self.features(w)
 
     # --- the join of leading match tiers -------------------------------------------------
     def _match_columns(self, qw: torch.Tensor, kw: torch.Tensor, qf: torch.Tensor):
@@ -126,9 +132,14 @@ class Planner:
         sum of squares of the other columns), else None."""
         name = ("match", _definition(kw))
         if name not in self.memo:  # the key side: a column equal to the sum of squares of the others
-            kf = self.key_features(kw)
-            self.memo[name] = [c for c in range(kf.shape[1]) if torch.equal(
-                kf[:, c], (kf[:, [i for i in range(kf.shape[1]) if i != c]] ** 2).sum(1))]
+            def squares(kf, c):
+                return torch.equal(kf[:, c], (kf[:, [i for i in range(kf.shape[1]) if i != c]] ** 2).sum(1))
+            sample = self.features(kw, torch.randint(self.length, (min(self.length, 256),)))
+            columns = [c for c in range(kw.shape[0]) if squares(sample, c)]  # cheap first look
+            if columns:
+                kf = self.key_features(kw)
+                columns = [c for c in columns if squares(kf, c)]
+            self.memo[name] = columns
         for c in self.memo[name]:
             if bool((qf[:, c] == -1).all()):
                 return [i for i in range(qf.shape[1]) if i != c]
@@ -146,7 +157,8 @@ class Planner:
             else:
                 codes = _encode(kf, lo, radix)
                 sorted_codes, order = torch.sort(codes, stable=True)
-                self.memo[name] = (sorted_codes, order, lo, radix)
+                unique = bool((sorted_codes[1:] != sorted_codes[:-1]).all())
+                self.memo[name] = (sorted_codes, order, lo, radix, unique)
         return self.memo[name]
 
     def _join(self, tiers, queries):
@@ -155,12 +167,15 @@ class Planner:
         table = self._sorted_codes([(kw, cols) for _, kw, _, cols in tiers])
         if table is None:
             return None
-        sorted_codes, order, lo, radix = table
+        sorted_codes, order, lo, radix, unique = table
         target = torch.cat([qf[:, cols] / 2 for _, _, qf, cols in tiers], dim=1)
         inside = ((target == target.round()) & (target >= lo) & (target < lo + radix)).all(1)
         codes = torch.where(inside, _encode(torch.where(inside[:, None], target, lo), lo, radix), -1)
         first = torch.searchsorted(sorted_codes, codes)
-        hits = torch.searchsorted(sorted_codes, codes, right=True) - first
+        if unique:  # at most one key per code: found or not
+            hits = (sorted_codes[first.clamp(max=len(sorted_codes) - 1)] == codes).long()
+        else:
+            hits = torch.searchsorted(sorted_codes, codes, right=True) - first
         hits[~inside] = 0
         pair_query = torch.repeat_interleave(torch.arange(len(queries)), hits)
         start = torch.cumsum(hits, 0) - hits

@@ -64,30 +64,42 @@ class Liveness:
 
 
 class Entries:
-    """The buffer layout: slot s's live positions, in order, at offsets base[s], base[s] + 1, ..."""
+    """The buffer layout: slot s's live positions, in order, at offsets base[s], base[s] + 1, ...
 
-    def __init__(self, liveness: Liveness):
-        self.masks, self.base, self.positions = liveness.masks, {}, {}
+    ``offsets`` looks entries up in a per-slot table (L,) of offsets (the sink where dead), built
+    from the live mask by one cumulative sum and kept for the few slots used last."""
+
+    def __init__(self, liveness: Liveness, keep: int = 6):
+        self.masks, self.base = liveness.masks, {}
         size = 0
         for s in sorted(self.masks):
             self.base[s] = size
             size += int(self.masks[s].sum())
         self.size = size  # offset ``size`` is the sink for dead writes, ``size + 1`` a constant 0
         self.zero = size + 1
+        self.tables: dict = {}
+        self.keep = keep
 
     def live_positions(self, slot: int) -> torch.Tensor:
         mask = self.masks.get(slot)
         return torch.zeros(0, dtype=torch.long) if mask is None else mask.nonzero()[:, 0]
+
+    def table(self, slot: int) -> torch.Tensor:
+        if slot not in self.tables:
+            mask = self.masks[slot]
+            rank = torch.cumsum(mask, 0, dtype=torch.int64).add_(self.base[slot] - 1)
+            self.tables[slot] = rank.masked_fill_(~mask, self.size)
+            if len(self.tables) > self.keep:
+                del self.tables[next(iter(self.tables))]
+        return self.tables[slot]
 
     def offsets(self, slots, positions: torch.Tensor, reading: bool = True, valid=None) -> torch.Tensor:
         """(len(slots), *positions.shape) offsets of the entries; a dead entry is the sink, and
         where ``valid`` is False (the padding of a candidate table) the constant 0."""
         out = torch.full((len(slots), *positions.shape), self.size, dtype=torch.long)
         for i, s in enumerate(int(s) for s in slots):
-            mask = self.masks.get(s)
-            if mask is not None:
-                rank = torch.cumsum(mask, 0) - 1 + self.base[s]  # offset of each live position
-                out[i] = torch.where(mask[positions], rank[positions], self.size)
+            if s in self.masks:
+                out[i] = self.table(s)[positions]
         if valid is not None:
             out[:, ~valid] = self.zero
         if reading and bool((out == self.size).any()):
@@ -332,11 +344,7 @@ def compile_encoder(encoder) -> Program:
     column = planner.column
 
     def positional(slots, positions):  # (N, len(slots)) float64 values of static slots
-        values = torch.zeros(len(positions), len(slots), dtype=torch.float64)
-        for i, s in enumerate(int(s) for s in slots):
-            if s in column:
-                values[:, i] = planner.positional[positions, column[s]].double()
-        return values
+        return torch.stack([planner.values(int(s), positions) for s in slots], dim=1).double()
 
     steps = []
     for layer, entry in zip(encoder.layers, needs):
@@ -348,7 +356,7 @@ def compile_encoder(encoder) -> Program:
     for s in entries.masks:
         if s in column:
             positions = entries.live_positions(s)
-            init[entries.base[s]: entries.base[s] + len(positions)] = planner.positional[positions, column[s]].double()
+            init[entries.base[s]: entries.base[s] + len(positions)] = planner.values(s, positions).double()
     value = encoder.slots.index("value")
     value_pos = entries.live_positions(value)
     readout = encoder.readout.cpu()[out_pos]

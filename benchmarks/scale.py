@@ -1,0 +1,141 @@
+"""Scale benchmark: the drop-in at the widths of real models, and U at long sequences.
+
+Every case runs in a fresh process (so "peak" is that case's whole-process maximum resident set)
+and reports: construction time, first call (planning + compiling + running), the median of warm
+calls, the peak memory, and the error against a float64 reference next to nn.MultiheadAttention's
+own float32 error (or, for U, the direct float32 torch computation's).
+
+    python benchmarks/scale.py                      # every case below, results in benchmarks/results/
+    python benchmarks/scale.py --cases dropin-64x8  # some of them
+
+Results: benchmarks/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len) or "u" (n, d, heads)
+CASES = {
+    "dropin-384x12-n16": ("dropin", (384, 12, 16)),
+    "dropin-64x8-n16": ("dropin", (64, 8, 16)),
+    "u-n128-d8": ("u", (128, 8, 1)),
+    "u-n32-d8": ("u", (32, 8, 1)),
+    "dropin-384x12-n128": ("dropin", (384, 12, 128)),
+}
+
+
+def peak_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
+
+
+def run_case(name: str, repeats: int) -> dict:
+    import usim
+
+    kind, sizes = CASES[name]
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    if kind == "dropin":
+        embed_dim, heads, n = sizes
+        mha = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
+        with torch.no_grad():  # biases as in a trained model, not zero
+            mha.in_proj_bias.normal_(0, 0.1)
+            mha.out_proj.bias.normal_(0, 0.1)
+        module = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n)
+        x = torch.randn(1, n, embed_dim)
+        call = lambda: module(x, x, x, need_weights=False)[0]  # noqa: E731
+        ref_mha = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True, dtype=torch.float64)
+        ref_mha.load_state_dict({k: v.double() for k, v in mha.state_dict().items()})
+        ref = ref_mha(x.double(), x.double(), x.double(), need_weights=False)[0]
+        baseline = mha(x, x, x, need_weights=False)[0]
+        baseline_name = "nn.MultiheadAttention float32"
+    else:
+        n, d, heads = sizes
+        module = usim.UniversalSimulator(n, d, heads=heads)
+        x, a, v = torch.randn(1, n, d), torch.randn(d, d) / d, torch.randn(d, d)
+        call = lambda: module(x, a, v)  # noqa: E731
+        scores = x.double() @ a.double() @ x.double().mT
+        ref = torch.softmax(scores, -1) @ (x.double() @ v.double())
+        baseline = torch.softmax(x @ a @ x.mT, -1) @ (x @ v)
+        baseline_name = "direct torch float32"
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    out = call()
+    first = time.perf_counter() - start
+    warm = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        again = call()
+        warm.append(time.perf_counter() - start)
+    error = (out.double() - ref).abs().max().item()
+    baseline_error = (baseline.double() - ref).abs().max().item()
+    encoder = module.simulator.encoder if kind == "dropin" else module.encoder
+    return {
+        "case": name, "kind": kind, "sizes": sizes, "tokens": encoder.length, "stream slots": encoder.stream_width,
+        "depth": encoder.depth, "construction s": round(built, 3), "first call s": round(first, 3),
+        "construction + first call s": round(built + first, 3), "warm call s (median)": round(statistics.median(warm), 4),
+        "peak GB": round(peak_gb(), 3), "max error": error, "baseline": baseline_name,
+        "baseline error": baseline_error, "error / baseline": round(error / max(baseline_error, 1e-30), 2),
+        "repeatable": bool(torch.equal(out, again)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run")
+    parser.add_argument("--repeats", type=int, default=3, help="warm calls per case (median reported)")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per case before it is reported as failed")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for scale.{json,md}")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_case(args.one, args.repeats)))
+        return
+    rows = []
+    for name in args.cases:
+        print(f"{name} ...", flush=True)
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats)],
+                                  capture_output=True, text=True, timeout=args.timeout)
+            if proc.returncode:
+                rows.append({"case": name, "failed": proc.stderr.strip().splitlines()[-1][:300]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        except subprocess.TimeoutExpired:
+            rows.append({"case": name, "failed": f"timeout after {args.timeout} s"})
+        print(json.dumps(rows[-1]), flush=True)
+    meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "dtype": "float32", "batch": 1,
+            "load average": os.getloadavg()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "peak GB", "max error",
+               "baseline error", "error / baseline"]
+    lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32, batch 1, "
+             f"load average {meta['load average'][0]:.1f}", "", "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        if "failed" in row:
+            lines.append(f"| {row['case']} | failed: {row['failed']} |" + " |" * (len(columns) - 2))
+        else:
+            lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
+                                           for c in columns) + " |")
+    (out / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
