@@ -106,8 +106,8 @@ def test_checkpoint_through_bare_encoder(seed, tmp_path):
     x, a, v = torch.randn(3, 2, 2), torch.randn(2, 2, 2), torch.randn(2, 2, 2)
     assert torch.equal(loaded(x, a, v), u(x, a, v)), seed
     encoder = usim.Encoder.load(path)
-    keep = torch.ones(2)
-    y, *_ = u.layout.unpack(encoder(u.layout.pack(x, a[0], a[1], v[0], v[1], keep)))
+    ignored = torch.zeros(2)  # key flags: 1 ignores a key
+    y, *_ = u.layout.unpack(encoder(u.layout.pack(x, a[0], a[1], v[0], v[1], ignored)))
     assert torch.equal(y, u(x, a, v)), seed
 
 
@@ -124,3 +124,96 @@ def test_bad_input():
         u(x, torch.randn(2, 2, 2), torch.randn(2, 2, 2), key_padding_mask=torch.zeros(3))
     with pytest.raises(ValueError, match="w1"):
         UniversalSimulator(3, 2, ffn_hidden=2)(x, torch.randn(2, 2), torch.randn(2, 2))
+
+
+# --- The factored form: nn.MultiheadAttention's parameterisation (head_dim) -----------------------
+
+def factored_reference(x, wq, wk, wv, wo, bo=None, keep=None):
+    """sum_h softmax((x wq_h)(x wk_h)^T, masked) (x wv_h) wo_h + bo, in float64."""
+    x, wq, wk, wv, wo = (t.double() for t in (x, wq, wk, wv, wo))
+    q, k, v = (x[..., None, :, :] @ w for w in (wq, wk, wv))
+    scores = q @ k.transpose(-1, -2)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[..., None, None, :], float("-inf"))
+    y = (torch.softmax(scores, -1) @ v @ wo).sum(-3)
+    return y if bo is None else y + bo.double()
+
+
+def factored_inputs(n, d, heads, r, dtype=torch.float32, batch=3):
+    x = torch.randn(batch, n, d, dtype=dtype)
+    wq, wk, wv = (torch.randn(heads, d, r, dtype=dtype) / d ** 0.5 for _ in range(3))
+    return x, wq, wk, wv, torch.randn(heads, r, d, dtype=dtype) / r ** 0.5, torch.randn(d, dtype=dtype)
+
+
+@pytest.mark.parametrize("n,d,heads,r", [(1, 1, 1, 1), (3, 4, 2, 2), (4, 6, 3, 2), (5, 3, 1, 4)])
+def test_factored_matches_reference_float32(seed, n, d, heads, r):
+    u = UniversalSimulator(n, d, heads=heads, head_dim=r)
+    x, wq, wk, wv, wo, bo = factored_inputs(n, d, heads, r)
+    ref = factored_reference(x, wq, wk, wv, wo, bo)
+    ours = u(x, wq, wk, wv, wo, bo=bo)
+    q, k, v = (x[:, None] @ w for w in (wq, wk, wv))
+    direct = (torch.softmax(q @ k.mT, -1) @ v @ wo).sum(1) + bo  # torch in float32: the yardstick
+    torch_err = max((direct.double() - ref).abs().max().item(), 1e-30)
+    err = (ours.double() - ref).abs().max().item()
+    assert ours.shape == (3, n, d) and ours.dtype == torch.float32
+    assert err <= 10 * torch_err + 1e-6, (seed, err, torch_err)
+
+
+def test_factored_float64_mask_and_weights(seed):
+    u = UniversalSimulator(4, 3, heads=2, head_dim=2)
+    x, wq, wk, wv, wo, bo = factored_inputs(4, 3, 2, 2, torch.float64)
+    mask = torch.tensor([[False, True, False, False], [False, False, False, True], [True, True, True, False]])
+    y, weights = u.attention(x, wq, wk, wv, wo, key_padding_mask=mask, bo=bo)
+    torch.testing.assert_close(y, factored_reference(x, wq, wk, wv, wo, bo, keep=~mask), rtol=1e-12, atol=1e-12,
+                               msg=f"seed {seed}")
+    scores = (x[:, None] @ wq) @ (x[:, None] @ wk).mT
+    expected = torch.softmax(scores.masked_fill(mask[:, None, None, :], float("-inf")), -1)
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+
+
+def test_factored_one_head_and_universality_by_padding(seed):
+    big = UniversalSimulator(5, 4, heads=1, head_dim=3)
+    x, wq, wk, wv, wo, bo = factored_inputs(3, 2, 1, 2, torch.float64)
+    ref = factored_reference(x, wq, wk, wv, wo, bo)
+    # one head: (d, r) weights without the head axis; smaller n, d and head_dim are padded and masked
+    torch.testing.assert_close(big(x, wq[0], wk[0], wv[0], wo[0], bo=bo), ref, rtol=1e-12, atol=1e-12,
+                               msg=f"seed {seed}")
+    torch.testing.assert_close(big(x, wq, wk, wv, wo), factored_reference(x, wq, wk, wv, wo), rtol=1e-12,
+                               atol=1e-12, msg=f"seed {seed}")
+
+
+def test_factored_checkpoint_through_bare_encoder(seed, tmp_path):
+    u = UniversalSimulator(3, 2, heads=2, head_dim=2)
+    usim.save(u, tmp_path / "f.safetensors")
+    loaded = usim.load(tmp_path / "f.safetensors")
+    x, wq, wk, wv, wo, bo = factored_inputs(3, 2, 2, 2)
+    assert loaded.head_dim == 2 and torch.equal(loaded(x, wq, wk, wv, wo, bo=bo), u(x, wq, wk, wv, wo, bo=bo)), seed
+    encoder = usim.Encoder.load(tmp_path / "f.safetensors")
+    arrays = [x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), bo, torch.ones(1), torch.zeros(3)]
+    y, *_ = u.layout.unpack(encoder(u.layout.pack(*arrays)))
+    assert torch.equal(y, u(x, wq, wk, wv, wo, bo=bo)), seed
+
+
+def test_width_and_heads_do_not_grow_with_the_sizes():
+    # One token per product term: only the sequence grows with n, d, heads and head_dim.
+    small, large = UniversalSimulator(2, 2, heads=1, head_dim=1), UniversalSimulator(6, 8, heads=3, head_dim=4)
+    assert small.encoder.stream_width == large.encoder.stream_width
+    assert small.width == large.width and small.depth == large.depth == 11
+    assert large.encoder.length > 10 * small.encoder.length
+    av_small, av_large = UniversalSimulator(2, 2), UniversalSimulator(8, 6, heads=3)
+    assert av_small.encoder.stream_width == av_large.encoder.stream_width and av_small.width == av_large.width
+
+
+def test_factored_bad_input():
+    u = UniversalSimulator(3, 2, heads=2, head_dim=2)
+    x, wq, wk, wv, wo, bo = factored_inputs(3, 2, 2, 2)
+    with pytest.raises(TypeError, match="wq, wk, wv, wo"):
+        u(x, wq, wk)
+    with pytest.raises(ValueError, match="head_dim 3 exceeds"):
+        u(x, torch.randn(2, 2, 3), wk, wv, wo)
+    with pytest.raises(ValueError, match="heads=2"):
+        u(x, wq[0], wk, wv, wo)
+    with pytest.raises(ValueError, match="bo"):
+        u(x, wq, wk, wv, wo, bo=torch.zeros(5))
+    with pytest.raises(ValueError, match="ffn_hidden"):
+        UniversalSimulator(3, 2, ffn_hidden=2, head_dim=2)

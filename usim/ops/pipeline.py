@@ -25,8 +25,10 @@ two homes: ``value`` and one matmul output slot, since each is exactly 0 where t
 
 A softmax stage, row-wise over blocks of m columns (Lemma 3, as in usim/ops/softmax.py), is three
 layers: the row maximum by attention (over the kept keys) then exp(s - max - MASKED * drop); the
-row mean of e (averaging head) then r = 1 / (m * mean); then p = e * r. With a key mask, a head in
-the first layer of the pipeline copies 1 - keep[col] into ``drop``.
+row mean of e (averaging head) then r = 1 / (m * mean); then p = e * r. With a key mask (a block
+of m flags, 1 = the key is ignored), a head in the first layer of the pipeline copies the flag of
+its column into ``drop`` at the softmax blocks' tokens (address ``kp.*``) and the 0 of ``null``
+everywhere else, so every row elsewhere keeps a key and stays finite.
 
 All scores are exact small integers (block indices and coordinates), never raw positions.
 """
@@ -38,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
+from usim.construct import FFN, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
 from usim.ops.softmax import MASKED
 
@@ -100,7 +102,7 @@ class Pipeline:
 
     def softmax(self, tag: str, blocks: list[str], keep: str | None = None) -> str:
         """Row-wise softmax of each block (its home slot) into slot ``tag + "p"``, keys masked by the
-        flags of block ``keep`` (m,) (1 keeps a column); returns the slot."""
+        flags of block ``keep`` (m,) (1 = the column's key is ignored); returns the slot."""
         widths = {self.shape(b)[-1] for b in blocks}
         if len(widths) != 1 or any(len(self.shape(b)) != 2 for b in blocks):
             raise ValueError(f"softmax {tag!r}: blocks must be matrices with one row length, "
@@ -151,6 +153,14 @@ class Pipeline:
                 addresses["rd.block"][out_span.start: out_span.stop] = index[term_block]
                 addresses["rd.row"][out_span.start: out_span.stop] = rows
                 addresses["rd.col"][out_span.start: out_span.stop] = cols
+        if self.keep_flags is not None:  # the key flag each softmax token reads: its column's, else null's
+            kp_block, kp_col = torch.full((layout.length,), null, dtype=torch.long), torch.zeros(layout.length, dtype=torch.long)
+            for kind, tag, blocks, keep in self.stages:
+                for blk in (blocks if kind == "softmax" else []):
+                    span = layout.span(blk)
+                    kp_block[span.start: span.stop] = index[keep]
+                    kp_col[span.start: span.stop] = torch.arange(span.stop - span.start) % self.shape(blk)[-1]
+            addresses.update({"kp.block": kp_block, "kp.col": kp_col})
         for name, values in addresses.items():
             b.positional(name, values)
         self._layers(b, index, homes)
@@ -204,11 +214,9 @@ class Pipeline:
         return keeps.pop() if keeps else None
 
     def _drop_head(self, b: Builder, index: dict) -> Head:
-        """drop = 1 - keep[col] at every token (read by the softmax stages at their blocks)."""
+        """drop = the ignore flag of the token's column at the softmax blocks, 0 elsewhere."""
         b.slot("drop")
-        keep = self.keep_flags
-        return Head([match({"block": index[keep], "col": "col"})], [({ONE: 1.0, "value": -1.0}, "drop")],
-                    name="key flags")
+        return Head([match({"block": "kp.block", "col": "kp.col"})], [("value", "drop")], name="key flags")
 
     def _softmax_layers(self, b: Builder, tag: str, blocks: list[str], keep) -> None:
         src = self.home_at(blocks[0], tag)

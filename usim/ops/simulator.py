@@ -2,9 +2,9 @@
 
 One encoder maps the packed sequence of its inputs to the attention output. Two parameterisations:
 
-* the paper's (A, V) form, from (X, A_1..A_H, V_1..V_H, keep[, W1, W2, residual]):
+* the paper's (A, V) form, from (X, A_1..A_H, V_1..V_H, ignore[, W1, W2, residual]):
 
-      Y = sum_h softmax(X A_h X^T, keys masked by keep) X V_h        (n x d)
+      Y = sum_h softmax(X A_h X^T, keys with ignore = 1 masked) X V_h        (n x d)
       out = relu(Y W1) W2 (+ Y when residual = 1)                  (with ffn_hidden)
 
   stages: X A_h and X V_h; S_h = (X A_h) X^T; P_h = softmax(S_h); Y = sum over h and j of
@@ -12,7 +12,7 @@ One encoder maps the packed sequence of its inputs to the attention output. Two 
   Every head costs n * d^2 terms.
 
 * the factored form of ``nn.MultiheadAttention`` (``head_dim=r``), from (X, W_Q,h, W_K,h, W_V,h
-  (d x r), W_O,h (r x d), b_O, keep):
+  (d x r), W_O,h (r x d), b_O, ignore):
 
       Y = sum_h softmax((X W_Q,h)(X W_K,h)^T, keys masked) (X W_V,h) W_O,h + b_O
 
@@ -64,16 +64,16 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
     inputs = {"x": (n, d), **{f"a{h}": (d, d) for h in range(heads)}, **{f"v{h}": (d, d) for h in range(heads)}}
     weights = {f"s{h}": (n, n) for h in range(heads)}  # the attention weights are outputs too
     if ffn_hidden is None:
-        pipe = Pipeline({**inputs, "keep": (n,)}, {"y": (n, d), **weights})
+        pipe = Pipeline({**inputs, "ignore": (n,)}, {"y": (n, d), **weights})
     else:
-        inputs.update({"w1": (d, ffn_hidden), "w2": (ffn_hidden, d), "residual": (1,), "keep": (n,)})
+        inputs.update({"w1": (d, ffn_hidden), "w2": (ffn_hidden, d), "residual": (1,), "ignore": (n,)})
         pipe = Pipeline(inputs, {"out": (n, d), **weights})
     xa = [pipe.block(f"xa{h}", (n, d)) for h in range(heads)]
     xv = [pipe.block(f"xv{h}", (n, d)) for h in range(heads)]
     pipe.matmul("xa.", [Product(xa[h], d, matrix("x", "i", "t"), matrix(f"a{h}", "t", "k")) for h in range(heads)]
                 + [Product(xv[h], d, matrix("x", "i", "t"), matrix(f"v{h}", "t", "k")) for h in range(heads)])
     pipe.matmul("s.", [Product(f"s{h}", d, matrix(xa[h], "i", "t"), matrix("x", "k", "t")) for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep="keep")
+    pipe.softmax("p.", list(weights), keep="ignore")
     y = pipe.block("y", (n, d))
     pipe.matmul("y.", [Product(y, heads * n, _per_head(list(weights), "i", "t", n), _per_head(xv, "t", "k", n))])
     if ffn_hidden is not None:
@@ -90,14 +90,14 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
 def _factored_pipeline(n: int, d: int, heads: int, r: int) -> Pipeline:
     proj = ("wq", "wk", "wv")
     inputs = {"x": (n, d), **{f"{w}{h}": (d, r) for w in proj for h in range(heads)},
-              **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,), "keep": (n,)}
+              **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,), "ignore": (n,)}
     weights = {f"s{h}": (n, n) for h in range(heads)}
     pipe = Pipeline(inputs, {"y": (n, d), **weights})
     q, k, v, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "k", "v", "o"))
     pipe.matmul("qkv.", [Product(blk[h], d, matrix("x", "i", "t"), matrix(f"{w}{h}", "t", "k"))
                          for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
     pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t")) for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep="keep")
+    pipe.softmax("p.", list(weights), keep="ignore")
     pipe.matmul("pv.", [Product(o[h], n, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
     pipe.matmul("out.", [Product("y", terms,
@@ -182,17 +182,17 @@ class UniversalSimulator(Construction):
         n_in, d_in = x.shape[-2:]
         if n_in > n or d_in > d:
             raise ValueError(f"x is (..., {n_in}, {d_in}) but this U was built for n <= {n}, d <= {d}")
-        keep = self._keep(key_padding_mask, x, n_in)
+        ignore = self._ignored(key_padding_mask, x, n_in)
         x = F.pad(x, (0, d - d_in, 0, n - n_in))
         if factored:
             arrays = self._factored_inputs(x, weights, bo, d_in)
         else:
             arrays = self._av_inputs(x, weights, d_in, w1, w2, residual)
-        out, *probs = self.run(*arrays, keep)
+        out, *probs = self.run(*arrays, ignore)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :n_in]
 
-    def _keep(self, mask, x, n_in):
-        """Key flags (..., n): 1 keeps a token; padded tokens are masked."""
+    def _ignored(self, mask, x, n_in):
+        """Key flags (..., n): 1 ignores a token (masked or padding), 0 keeps it."""
         if mask is None:
             mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
         if not isinstance(mask, torch.Tensor):
@@ -201,7 +201,7 @@ class UniversalSimulator(Construction):
             raise ValueError(f"key_padding_mask must be bool (..., {n_in}), got {mask.dtype} {tuple(mask.shape)}")
         if mask.all(-1).any():
             raise ValueError("key_padding_mask masks every key of some item: the softmax is undefined")
-        return F.pad((~mask).to(x.dtype), (0, self.n - n_in))
+        return F.pad(mask.to(x.dtype), (0, self.n - n_in), value=1.0)
 
     def _av_inputs(self, x, weights, d_in, w1, w2, residual):
         d, hidden = self.d, self.args["ffn_hidden"]
