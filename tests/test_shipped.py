@@ -70,7 +70,7 @@ def test_simulators_through_bare_encoder(seed, n, heads):
     path = ROOT / f"u_n{n}_d{n}_h{heads}.safetensors"
     x = torch.randn(n, n, dtype=torch.float64)
     a, v = torch.randn(heads, n, n, dtype=torch.float64) / n, torch.randn(heads, n, n, dtype=torch.float64)
-    module, outputs = run_bare(path, x, *a, *v, torch.ones(n, dtype=torch.float64))
+    module, outputs = run_bare(path, x, *a, *v, torch.zeros(n, dtype=torch.float64))  # no key ignored
     y = outputs[0]
     scores = torch.einsum("id,hde,je->hij", x, a, x)
     reference = (torch.softmax(scores, -1) @ (x @ v)).sum(0)

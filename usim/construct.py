@@ -237,8 +237,8 @@ class Builder:
         if not self.readout and self.layout.outputs:
             raise ValueError("no result slot set: call result(block, slot)")
         names = list(self._pos)
-        positional = torch.stack([self._pos[n] for n in names], dim=1) if names else \
-            torch.zeros(self.layout.length, 0, dtype=torch.int32)
+        positional = torch.stack([self._pos[n] for n in names]) if names else \
+            torch.zeros(0, self.layout.length, dtype=torch.int32)
         columns = torch.tensor([self.slots.index(n) for n in names], dtype=torch.long)
         readout = torch.full((self.layout.length,), self.slots.index("value"), dtype=torch.long)
         for block, slot in self.readout.items():

@@ -244,16 +244,18 @@ def _add_columns(x: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor) ->
 class Encoder(nn.Module):
     """The generic encoder: embeds a (B, L) token sequence, runs the layers, reads one slot per position.
 
-    Embedding: token value times the ``value`` slot direction, plus the positional table (L, W).
+    Embedding: token value times the ``value`` slot direction, plus the positional table (L, W)
+    (stored as its nonzero columns, ``positional`` (P, L) and ``positional_slots`` (P,)).
     Readout: position l returns slot ``readout[l]`` of the final stream (the result slot at
     output positions, the value slot elsewhere), so the output is again a (B, L) sequence.
     """
 
     def __init__(self, slots: list[str], pos_table, readout: torch.Tensor,
                  layers: list[EncoderLayer], execution: str = "fast"):
-        """pos_table: the positional table, dense (L, W), or compact as (values (L, P), the slot
-        index of each column (P,)); it is stored compactly (``positional``, ``positional_slots``),
-        as int32 when its values are small integers, since L can be millions of tokens."""
+        """pos_table: the positional table, dense (L, W), or compact as (values (P, L): one row per
+        positional slot, the slot index of each row (P,)). It is stored compactly: buffers
+        ``positional`` (P, L), as int32 when its values are small integers, and ``positional_slots``
+        (P,), since L can be millions of tokens (a row per slot is contiguous, fast to gather from)."""
         super().__init__()
         self.execution = execution
         if len(set(slots)) != len(slots):
@@ -264,19 +266,19 @@ class Encoder(nn.Module):
             if pos_table.dim() != 2 or pos_table.shape[1] != len(slots):
                 raise ValueError(f"pos_table shape {tuple(pos_table.shape)}: its width must be the {len(slots)} slots")
             columns = (pos_table != 0).any(0).nonzero()[:, 0]
-            values = pos_table[:, columns]
+            values = pos_table[:, columns].T.contiguous()
         else:
             values, columns = pos_table
             columns = torch.as_tensor(columns, dtype=torch.long)
-            if values.dim() != 2 or columns.shape != (values.shape[1],):
-                raise ValueError(f"positional values {tuple(values.shape)} and columns {tuple(columns.shape)} "
-                                 "do not fit: expected (L, P) and (P,)")
+            if values.dim() != 2 or columns.shape != (values.shape[0],):
+                raise ValueError(f"positional values {tuple(values.shape)} and slots {tuple(columns.shape)} "
+                                 "do not fit: expected (P, L) and (P,)")
             if len(columns) and (columns.min() < 0 or columns.max() >= len(slots) or len(set(columns.tolist())) < len(columns)):
                 raise ValueError(f"positional columns must be distinct slot indices in 0..{len(slots) - 1}")
         if values.is_floating_point() and bool((values == values.round()).all()) and \
                 bool((values.abs() < 2 ** 31).all()):
             values = values.to(torch.int32)
-        length = values.shape[0]
+        length = values.shape[1]
         if readout.shape != (length,):
             raise ValueError(f"readout shape {tuple(readout.shape)} != ({length},)")
         self.slots = list(slots)
@@ -289,12 +291,12 @@ class Encoder(nn.Module):
     def pos_table(self) -> torch.Tensor:
         """The dense positional table (L, W) in float64 (built on demand: for small encoders)."""
         table = torch.zeros(self.length, self.stream_width, dtype=torch.float64, device=self.positional.device)
-        table[:, self.positional_slots] = self.positional.double()
+        table[:, self.positional_slots] = self.positional.double().T
         return table
 
     @property
     def length(self) -> int:
-        return self.positional.shape[0]
+        return self.positional.shape[1]
 
     @property
     def stream_width(self) -> int:
@@ -340,7 +342,7 @@ class Encoder(nn.Module):
 
     def embed(self, seq: torch.Tensor) -> torch.Tensor:
         x = seq.new_zeros(seq.shape[0], self.length, self.stream_width)
-        x[..., self.positional_slots.to(seq.device)] = _cast(self.positional, seq)
+        x[..., self.positional_slots.to(seq.device)] = _cast(self.positional, seq).T
         x[..., self.slots.index("value")] += seq
         return x
 

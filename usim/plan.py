@@ -98,19 +98,16 @@ class Planner:
     def __init__(self, encoder):
         self.length = encoder.length
         self.static = static_slots(encoder)
-        self.positional = encoder.positional.cpu()  # (L, P) small integers
+        self.positional = encoder.positional.cpu()  # (P, L) small integers, a row per positional slot
         self.column = {int(s): i for i, s in enumerate(encoder.positional_slots.cpu())}
-        self.columns: dict = {}  # slot -> its positional column, contiguous (fast to gather from)
         self.memo: dict = {}
 
     def values(self, slot: int, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The positional values of a slot (int) at positions (all L if None); 0 if not positional."""
         if slot not in self.column:
             return torch.zeros(self.length if positions is None else len(positions), dtype=torch.int32)
-        if slot not in self.columns:
-            self.columns[slot] = self.positional[:, self.column[slot]].contiguous()
-        column = self.columns[slot]
-        return column if positions is None else column[positions]
+        row = self.positional[self.column[slot]]
+        return row if positions is None else row[positions]
 
     # --- static features -----------------------------------------------------------------
     def features(self, w: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
