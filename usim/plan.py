@@ -112,67 +112,88 @@ class Planner:
     # --- static features -----------------------------------------------------------------
     def features(self, w: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """(N, d_k) float64: the exact static features w (d_k, W) reads at positions (all L if None)."""
-        used = [int(c) for c in nonzero_columns(w) if int(c) in self.column]
         n = self.length if positions is None else len(positions)
-        if not used:
-            return torch.zeros(n, w.shape[0], dtype=torch.float64)
-        values = torch.stack([self.values(c, positions) for c in used], dim=1).double()
-        return values @ w[:, used].double().cpu().T
+        columns = [self.feature(w[j], positions) for j in range(w.shape[0])]
+        return torch.stack([c.double() for c in columns], dim=1) if columns else torch.zeros(n, 0, dtype=torch.float64)
 
-    def key_features(self, w: torch.Tensor) -> torch.Tensor:
-        """features(w) at every position (what the memo keeps of it is the sorted codes)."""
-        return self.features(w)
+    def feature(self, w: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) one static feature: sum of w[slot] * the slot's positional value, exact: in int64
+        when the coefficients are integers (constructions use small ones), else in float64."""
+        n = self.length if positions is None else len(positions)
+        used = [int(c) for c in nonzero_columns(w[None]) if int(c) in self.column]
+        coefs = [float(w[c]) for c in used]
+        integral = all(c == int(c) for c in coefs)
+        total = torch.zeros(n, dtype=torch.int64 if integral else torch.float64)
+        for c, coef in zip(used, coefs):
+            values = self.values(c, positions)
+            total += values.long() * int(coef) if integral else values.double() * coef
+        return total
 
     # --- the join of leading match tiers -------------------------------------------------
-    def _match_columns(self, qw: torch.Tensor, kw: torch.Tensor, qf: torch.Tensor):
-        """The target columns if the tier is a ``match`` (a query column of -1s against the keys'
-        sum of squares of the other columns), else None."""
+    def _match_columns(self, qw: torch.Tensor, kw: torch.Tensor, queries: torch.Tensor):
+        """The target rows if the tier is a ``match`` (a query row of -1s against the keys' sum of
+        squares of the other rows), else None."""
         name = ("match", _definition(kw))
-        if name not in self.memo:  # the key side: a column equal to the sum of squares of the others
+        if name not in self.memo:  # the key side: a row equal to the sum of squares of the others
             def squares(kf, c):
                 return torch.equal(kf[:, c], (kf[:, [i for i in range(kf.shape[1]) if i != c]] ** 2).sum(1))
             sample = self.features(kw, torch.randint(self.length, (min(self.length, 256),)))
             columns = [c for c in range(kw.shape[0]) if squares(sample, c)]  # cheap first look
             if columns:
-                kf = self.key_features(kw)
+                kf = self.features(kw)
                 columns = [c for c in columns if squares(kf, c)]
             self.memo[name] = columns
         for c in self.memo[name]:
-            if bool((qf[:, c] == -1).all()):
-                return [i for i in range(qf.shape[1]) if i != c]
+            if bool((self.feature(qw[c], queries) == -1).all()):
+                return [i for i in range(qw.shape[0]) if i != c]
         return None
 
-    def _sorted_codes(self, key_columns: list) -> tuple:
-        """Every key's (match) features as one int64 code, sorted: (sorted codes, positions, lo, radix)."""
-        name = ("codes", tuple(_definition(w) + bytes(str(cols), "ascii") for w, cols in key_columns))
+    def _sorted_codes(self, key_rows: list) -> tuple:
+        """Every key's match features as one int64 code, sorted: (sorted codes, positions, lo, radix,
+        whether every code is unique); None when the features do not fit one code."""
+        name = ("codes", tuple(_definition(w[None]) for w in key_rows))
         if name not in self.memo:
-            kf = torch.cat([self.key_features(w)[:, cols] for w, cols in key_columns], dim=1)
-            lo, hi = kf.amin(0), kf.amax(0)
-            radix = hi - lo + 1
-            if float(radix.prod()) > 2.0 ** 62:  # too many distinct features for one int64 code
-                self.memo[name] = None
-            else:
-                codes = _encode(kf, lo, radix)
-                sorted_codes, order = torch.sort(codes, stable=True)
-                unique = bool((sorted_codes[1:] != sorted_codes[:-1]).all())
-                self.memo[name] = (sorted_codes, order, lo, radix, unique)
+            code, lo, radix = torch.zeros(self.length, dtype=torch.long), [], []
+            for w in key_rows:
+                values = self.feature(w)
+                if values.is_floating_point() and not bool((values == values.round()).all()):
+                    self.memo[name] = None
+                    return None
+                low, high = int(values.min()), int(values.max())
+                lo.append(low)
+                radix.append(high - low + 1)
+                if float(torch.tensor(radix, dtype=torch.float64).prod()) > 2.0 ** 62:
+                    self.memo[name] = None  # too many distinct features for one int64 code
+                    return None
+                code = code * radix[-1] + (values.long() - low)
+            sorted_codes, order = torch.sort(code, stable=True)
+            unique = bool((sorted_codes[1:] != sorted_codes[:-1]).all())
+            self.memo[name] = (sorted_codes, order, lo, radix, unique)
         return self.memo[name]
 
     def _join(self, tiers, queries):
         """(found (Q,) bool, pair_query, pair_key) for queries with keys equal to their targets in
-        every tier of ``tiers`` [(qw, kw, qf, columns)]; None when no single code fits."""
-        table = self._sorted_codes([(kw, cols) for _, kw, _, cols in tiers])
+        every tier of ``tiers`` [(qw, kw, target rows)]; None when no single code fits."""
+        table = self._sorted_codes([kw[c] for _, kw, cols in tiers for c in cols])
         if table is None:
             return None
         sorted_codes, order, lo, radix, unique = table
-        target = torch.cat([qf[:, cols] / 2 for _, _, qf, cols in tiers], dim=1)
-        inside = ((target == target.round()) & (target >= lo) & (target < lo + radix)).all(1)
-        codes = torch.where(inside, _encode(torch.where(inside[:, None], target, lo), lo, radix), -1)
-        first = torch.searchsorted(sorted_codes, codes)
+        code = torch.zeros(len(queries), dtype=torch.long)
+        inside = torch.ones(len(queries), dtype=torch.bool)
+        for (qw, c), low, size in zip([(qw, c) for qw, _, cols in tiers for c in cols], lo, radix):
+            twice = self.feature(qw[c], queries)  # the match score is 2 target . key - |key|^2
+            if twice.is_floating_point():
+                inside &= twice == twice.round()
+                twice = twice.round().long()
+            target = torch.div(twice, 2, rounding_mode="floor")
+            inside &= (twice % 2 == 0) & (target >= low) & (target < low + size)
+            code = code * size + (target - low).clamp_(0, size - 1)
+        code[~inside] = -1
+        first = torch.searchsorted(sorted_codes, code)
         if unique:  # at most one key per code: found or not
-            hits = (sorted_codes[first.clamp(max=len(sorted_codes) - 1)] == codes).long()
+            hits = (sorted_codes[first.clamp(max=len(sorted_codes) - 1)] == code).long()
         else:
-            hits = torch.searchsorted(sorted_codes, codes, right=True) - first
+            hits = torch.searchsorted(sorted_codes, code, right=True) - first
         hits[~inside] = 0
         pair_query = torch.repeat_interleave(torch.arange(len(queries)), hits)
         start = torch.cumsum(hits, 0) - hits
@@ -193,6 +214,10 @@ class Planner:
         empty = torch.zeros(0, dtype=torch.long)
         return torch.cat(pair_query) if pair_query else empty, torch.cat(pair_key) if pair_key else empty
 
+    def _pair_scores(self, qw, kw, query_positions, key_positions) -> torch.Tensor:
+        """The static scores of (query, key) pairs, exact."""
+        return (self.features(qw, query_positions) * self.features(kw, key_positions)).sum(1)
+
     def plan(self, attn, head: int, queries: torch.Tensor | None = None) -> HeadPlan:
         """The plan of one head of a HardAttention module at the given query positions (all L if None)."""
         queries = torch.arange(self.length) if queries is None else queries.cpu()
@@ -207,16 +232,16 @@ class Planner:
                 first_dynamic = t
                 break
         n = len(queries)
-        # (query w, key w, query features) of the static tiers that can score anything
-        static = [(qw_all[t], kw_all[t], self.features(qw_all[t], queries)) for t in range(first_dynamic)
+        # (query w, key w) of the static tiers that can score anything
+        static = [(qw_all[t], kw_all[t]) for t in range(first_dynamic)
                   if ((qw_all[t] != 0).any(1) & (kw_all[t] != 0).any(1)).any()]
         matches = []
-        for qw, kw, qf in static:
-            cols = self._match_columns(qw, kw, qf)
+        for qw, kw in static:
+            cols = self._match_columns(qw, kw, queries) if n else None
             if cols is None:
                 break
-            matches.append((qw, kw, qf, cols))
-        joined = self._join(matches, queries) if matches and n else None
+            matches.append((qw, kw, cols))
+        joined = self._join(matches, queries) if matches else None
         if joined is None:
             found = torch.zeros(n, dtype=torch.bool)
             pair_query, pair_key, rest = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0
@@ -226,26 +251,26 @@ class Planner:
         # queries without an exact match: every static tier scored over all keys, as the reference
         missing = (~found).nonzero()[:, 0]
         if len(missing):
-            if static:
-                if len(missing) * self.length > MAX_PAIRS * 8:
-                    return HeadPlan("dense", queries)
-                qw, kw, qf = static[0]
-                mq, mk = self._score_all(qf[missing], self.key_features(kw))
-                mq = missing[mq]
-                for qw, kw, qf in static[1:rest]:
-                    mq, mk = _keep_best(mq, mk, (qf[mq] * self.features(kw, mk)).sum(1), n)
-            else:  # no static tier: every key is a candidate, as many as a dense row
+            if not static:  # no static tier: every key is a candidate, as many as a dense row
                 return HeadPlan("dense", queries)
+            if len(missing) * self.length > MAX_PAIRS * 8:
+                return HeadPlan("dense", queries)
+            qw, kw = static[0]
+            mq, mk = self._score_all(self.features(qw, queries[missing]), self.features(kw))
+            mq = missing[mq]
+            for qw, kw in static[1:rest]:
+                mq, mk = _keep_best(mq, mk, self._pair_scores(qw, kw, queries[mq], mk), n)
             pair_query, pair_key = torch.cat([pair_query, mq]), torch.cat([pair_key, mk])
             order = torch.argsort(pair_query, stable=True)
             pair_query, pair_key = pair_query[order], pair_key[order]
         if len(pair_key) > MAX_PAIRS:
             return HeadPlan("dense", queries)
         count, start = _group_by(pair_query, n)
-        for qw, kw, qf in static[rest:]:
+        for qw, kw in static[rest:]:
             if bool((count <= 1).all()):
                 break  # a single candidate is always its own best
-            pair_query, pair_key = _keep_best(pair_query, pair_key, (qf[pair_query] * self.features(kw, pair_key)).sum(1), n)
+            pair_query, pair_key = _keep_best(pair_query, pair_key,
+                                              self._pair_scores(qw, kw, queries[pair_query], pair_key), n)
             count, start = _group_by(pair_query, n)
         if first_dynamic == tiers and bool((count == 1).all()):
             return HeadPlan("gather", queries, index=pair_key)
@@ -264,14 +289,6 @@ def _definition(w: torch.Tensor) -> bytes:
     """The identity of a read matrix: its used columns and their coefficients."""
     used = nonzero_columns(w)
     return used.numpy().tobytes() + w[:, used].double().cpu().numpy().tobytes()
-
-
-def _encode(values: torch.Tensor, lo: torch.Tensor, radix: torch.Tensor) -> torch.Tensor:
-    """Rows of small integers (N, m) in [lo, lo + radix) as one int64 each (mixed radix)."""
-    code = torch.zeros(values.shape[0], dtype=torch.long)
-    for c in range(values.shape[1]):
-        code = code * int(radix[c]) + (values[:, c] - lo[c]).long()
-    return code
 
 
 def plan_encoder(encoder) -> list[list[HeadPlan] | None]:
