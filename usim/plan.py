@@ -41,6 +41,8 @@ import torch
 MAX_PAIRS = 50_000_000
 MAX_CANDIDATES = 4096
 SCORE_CHUNK = 1 << 22
+# Unique match codes below this range are looked up in a direct table (int32 entries).
+DIRECT_TABLE = 1 << 27
 
 
 @dataclass
@@ -135,14 +137,14 @@ class Planner:
         squares of the other rows), else None."""
         name = ("match", _definition(kw))
         if name not in self.memo:  # the key side: a row equal to the sum of squares of the others
-            def squares(kf, c):
-                return torch.equal(kf[:, c], (kf[:, [i for i in range(kf.shape[1]) if i != c]] ** 2).sum(1))
-            sample = self.features(kw, torch.randint(self.length, (min(self.length, 256),)))
+            def squares(positions, c):
+                rows = [self.feature(kw[i], positions) for i in range(kw.shape[0])]
+                total = sum((r * r for i, r in enumerate(rows) if i != c), torch.zeros_like(rows[c]))
+                return torch.equal(rows[c], total) if rows[c].dtype == total.dtype else \
+                    torch.equal(rows[c].double(), total.double())
+            sample = torch.randint(self.length, (min(self.length, 256),))
             columns = [c for c in range(kw.shape[0]) if squares(sample, c)]  # cheap first look
-            if columns:
-                kf = self.features(kw)
-                columns = [c for c in columns if squares(kf, c)]
-            self.memo[name] = columns
+            self.memo[name] = [c for c in columns if squares(None, c)]
         for c in self.memo[name]:
             if bool((self.feature(qw[c], queries) == -1).all()):
                 return [i for i in range(qw.shape[0]) if i != c]
@@ -168,7 +170,12 @@ class Planner:
                 code = code * radix[-1] + (values.long() - low)
             sorted_codes, order = torch.sort(code, stable=True)
             unique = bool((sorted_codes[1:] != sorted_codes[:-1]).all())
-            self.memo[name] = (sorted_codes, order, lo, radix, unique)
+            span = int(sorted_codes[-1]) + 1 if len(sorted_codes) else 0
+            where = None
+            if unique and span <= DIRECT_TABLE:  # code -> key position by one gather, not a binary search
+                where = torch.full((span + 1,), -1, dtype=torch.int32 if self.length < 2 ** 31 else torch.long)
+                where[sorted_codes] = order.to(where.dtype)
+            self.memo[name] = (sorted_codes, order, lo, radix, unique, where)
         return self.memo[name]
 
     def _join(self, tiers, queries):
@@ -177,7 +184,7 @@ class Planner:
         table = self._sorted_codes([kw[c] for _, kw, cols in tiers for c in cols])
         if table is None:
             return None
-        sorted_codes, order, lo, radix, unique = table
+        sorted_codes, order, lo, radix, unique, where = table
         code = torch.zeros(len(queries), dtype=torch.long)
         inside = torch.ones(len(queries), dtype=torch.bool)
         for (qw, c), low, size in zip([(qw, c) for qw, _, cols in tiers for c in cols], lo, radix):
@@ -189,6 +196,11 @@ class Planner:
             inside &= (twice % 2 == 0) & (target >= low) & (target < low + size)
             code = code * size + (target - low).clamp_(0, size - 1)
         code[~inside] = -1
+        if where is not None:  # unique codes, small range: a direct table
+            code[code >= len(where) - 1] = -1  # past the largest key code: no key
+            key = where[code]  # -1 reads the table's last entry: -1
+            found = key >= 0
+            return found, found.nonzero()[:, 0], key[found].long()
         first = torch.searchsorted(sorted_codes, code)
         if unique:  # at most one key per code: found or not
             hits = (sorted_codes[first.clamp(max=len(sorted_codes) - 1)] == code).long()

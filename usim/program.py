@@ -88,7 +88,7 @@ class Entries:
         if slot not in self.tables:
             mask = self.masks[slot]
             rank = torch.cumsum(mask, 0, dtype=torch.int64).add_(self.base[slot] - 1)
-            self.tables[slot] = rank.masked_fill_(~mask, self.size)
+            self.tables[slot] = rank.masked_fill_(~mask, self.size)  # int64: offsets can pass 2^31
             if len(self.tables) > self.keep:
                 del self.tables[next(iter(self.tables))]
         return self.tables[slot]
@@ -287,10 +287,15 @@ def _liveness(encoder, planner: Planner):
 
 def _attention_step(attn, heads, entries: Entries, static, positional) -> AttentionStep:
     writes = [entries.offsets(outs, plan.queries, reading=False) for h, plan, keys, vreads, outs, tiers in heads]
-    acc_target = torch.cat([w.flatten() for w in writes]).unique()  # dead entries: the sink, once
+    written = torch.zeros(entries.size + 2, dtype=torch.bool)
+    for w in writes:
+        written[w.flatten()] = True
+    acc_target = written.nonzero()[:, 0]  # each written entry once (dead ones: the sink)
+    acc_index = torch.cumsum(written, 0) - 1
+    del written
     head_steps, moves = [], []
     for (h, plan, keys, vreads, outs, tiers), write in zip(heads, writes):
-        acc_write = torch.searchsorted(acc_target, write)
+        acc_write = acc_index[write]
         value_coef, out_coef = attn.value[h][:, vreads].double().cpu(), attn.output[h][outs].double().cpu()
         terms = (out_coef != 0) & (value_coef != 0).T  # (S, J): slot s gets move j
         if plan.kind == "gather" and len(vreads) == 1 and bool((terms.sum(1) == 1).all()):
