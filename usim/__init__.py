@@ -3,7 +3,7 @@
 from usim.checkpoint import load, save
 from usim.engine import Encoder
 from usim.layout import Block, Layout
-from usim.mha import SimulatedMultiheadAttention
+from usim.mha import SimulatedMultiheadAttention, simulate_attention
 from usim.ops import (Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
                       SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
                       SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 __all__ = ["Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
            "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
            "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
-           "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save", "set_progress"]
+           "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save", "set_progress", "simulate_attention"]

@@ -38,7 +38,9 @@ CHUNK = 1 << 25
 
 def _versions(module: nn.Module) -> tuple:
     """Changes whenever a buffer of the module is replaced or modified in place (cache keys)."""
-    return tuple((t.data_ptr(), t._version) for t in module.buffers())
+    # inference tensors (a module built under torch.inference_mode) have no version counter: they
+    # cannot be modified in place outside inference mode anyway
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in module.buffers())
 
 
 def _cast(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ simulator's encoder. Without bias the homogeneous coordinate is dropped (d = E).
 
 from __future__ import annotations
 
+import copy
 import math
 import threading
 import weakref
@@ -85,6 +86,7 @@ class SimulatedMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.batch_first = batch_first
         self.has_bias = bias
+        self.dropout = 0.0  # as nn.MultiheadAttention's; only 0 is simulated in training mode
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **factory)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
@@ -92,6 +94,9 @@ class SimulatedMultiheadAttention(nn.Module):
         if bias:
             nn.init.zeros_(self.out_proj.bias)
         self.execution = execution
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, seq_len={self.seq_len}"
 
     @property
     def simulator(self) -> UniversalSimulator:
@@ -116,11 +121,13 @@ class SimulatedMultiheadAttention(nn.Module):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
         if not mha._qkv_same_embed_dim:
             raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
-        if mha.bias_k is not None or mha.add_zero_attn or mha.dropout:
-            raise ValueError("add_bias_kv, add_zero_attn and dropout > 0 are not supported")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported")
         p = mha.in_proj_weight
         sim = cls(mha.embed_dim, mha.num_heads, seq_len, bias=mha.in_proj_bias is not None,
                   batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
+        sim.dropout = mha.dropout
+        sim.train(mha.training)
         with torch.no_grad():
             sim.in_proj_weight.copy_(mha.in_proj_weight)
             sim.out_proj.weight.copy_(mha.out_proj.weight)
@@ -131,19 +138,25 @@ class SimulatedMultiheadAttention(nn.Module):
 
     def folded(self, dtype=torch.float64):
         """U's weights (wq, wk, wv (H, d, head_dim), wo (H, head_dim, d), bo (d,)), folded from the
-        MHA weights in float64 (d = embed_dim + 1 with bias, the homogeneous coordinate)."""
-        E, H = self.embed_dim, self.num_heads
-        w = self.in_proj_weight.detach().double()
+        MHA weights in float64 (d = embed_dim + 1 with bias, the homogeneous coordinate). The folding
+        is differentiable: gradients reach in_proj_weight, in_proj_bias and out_proj."""
+        H = self.num_heads
+        w = self.in_proj_weight.double()
         if self.has_bias:
-            w = torch.cat([w, self.in_proj_bias.detach().double()[:, None]], dim=1)  # (3E, E+1)
+            w = torch.cat([w, self.in_proj_bias.double()[:, None]], dim=1)  # (3E, E+1)
         wq, wk, wv = (rearrange(t, "(h k) e -> h e k", h=H) for t in w.chunk(3))
         wq = wq / math.sqrt(self.head_dim)
-        wo = rearrange(self.out_proj.weight.detach().double(), "e (h k) -> h k e", h=H)
-        bo = torch.zeros(w.shape[1], dtype=torch.float64, device=w.device)
-        if self.has_bias:
-            wo = torch.cat([wo, torch.zeros_like(wo[..., :1])], dim=-1)  # the homogeneous column: 0
-            bo[:E] = self.out_proj.bias.detach().double()
+        wo = rearrange(self.out_proj.weight.double(), "e (h k) -> h k e", h=H)
+        if self.has_bias:  # the homogeneous column of the output is 0
+            wo = torch.cat([wo, wo.new_zeros(*wo.shape[:-1], 1)], dim=-1)
+            bo = torch.cat([self.out_proj.bias.double(), wo.new_zeros(1)])
+        else:
+            bo = wo.new_zeros(w.shape[1])
         return tuple(t.to(dtype) for t in (wq, wk, wv, wo, bo))
+
+    # nn.TransformerEncoderLayer / nn.TransformerEncoder take PyTorch's native fused kernel (which
+    # reads in_proj_weight and would skip the simulator) only when this is True: it is not.
+    _qkv_same_embed_dim = False
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -157,6 +170,9 @@ class SimulatedMultiheadAttention(nn.Module):
         if not (key is query or torch.equal(key, query)) or not (value is query or torch.equal(value, query)):
             raise ValueError("SimulatedMultiheadAttention computes self-attention: query, key and value "
                              "must be the same tensor")
+        if self.training and self.dropout > 0:
+            raise NotImplementedError(f"dropout {self.dropout} on the attention weights in training mode is not "
+                                      "simulated (U computes the weights inside the encoder); use eval mode")
         if attn_mask is not None or is_causal:
             raise NotImplementedError("attn_mask and is_causal are not simulated yet: U masks keys only "
                                       "(use key_padding_mask)")
@@ -193,3 +209,24 @@ class SimulatedMultiheadAttention(nn.Module):
         if torch.is_floating_point(mask) and bool(((mask == 0) | (mask == float("-inf"))).all()):
             return mask == float("-inf")
         raise NotImplementedError("a float key_padding_mask is simulated only with values 0 and -inf")
+
+
+def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+    """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
+    ``SimulatedMultiheadAttention`` (same weights, U built for sequences up to ``seq_len``).
+
+    A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer`` and
+    ``nn.TransformerEncoder`` with their default arguments in eval mode (PyTorch's fused fast path
+    steps aside, so the simulator really runs); attention masks (``attn_mask``, ``is_causal``) and
+    cross-attention raise NotImplementedError when called."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_size("seq_len", seq_len)
+    if isinstance(model, nn.MultiheadAttention):
+        return SimulatedMultiheadAttention.from_torch(model, seq_len, execution=execution)
+    model = model if inplace else copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, name, SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution))
+    return model

@@ -102,6 +102,10 @@ class Construction(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.args.items()) + f", depth={self.depth}, width={self.width}"
 
+    def __repr__(self) -> str:
+        """One line, like nn.MultiheadAttention's: sizes, depth, heads per layer (``describe()`` for more)."""
+        return f"{self.kind}({self.extra_repr()}, tokens={self.encoder.length}, slots={self.encoder.stream_width})"
+
 
 def _slots_touched(encoder: Encoder, columns: list[torch.Tensor]) -> list[str]:
     used = torch.zeros(encoder.stream_width, dtype=torch.bool)

@@ -1,0 +1,139 @@
+"""The drop-in inside ordinary PyTorch models: usim.simulate_attention, gradients, state_dict, module habits."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import usim
+from usim.mha import SimulatedMultiheadAttention
+
+
+def count_calls(model):
+    """A list that grows by one at every forward of a simulated attention module in the model."""
+    calls = []
+    for module in model.modules():
+        if isinstance(module, SimulatedMultiheadAttention):
+            module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+PADDING = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_layer_with_default_arguments(seed, batch_first):
+    # dropout 0.1 (a no-op in eval mode); PyTorch's fused fast path must step aside for the simulator
+    layer = nn.TransformerEncoderLayer(16, 2, batch_first=batch_first).eval()
+    sim = usim.simulate_attention(layer, seq_len=5)
+    calls = count_calls(sim)
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)
+    with torch.no_grad():
+        ref, out = layer(x, src_key_padding_mask=PADDING), sim(x, src_key_padding_mask=PADDING)
+        unbatched_ref, unbatched = layer(x[0] if batch_first else x[:, 0]), sim(x[0] if batch_first else x[:, 0])
+    assert len(calls) == 2
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    torch.testing.assert_close(unbatched, unbatched_ref, rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    assert isinstance(layer.self_attn, nn.MultiheadAttention)  # a deep copy: the original is unchanged
+
+
+def test_transformer_encoder_every_layer_simulated(seed):
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2), num_layers=2, enable_nested_tensor=False).eval()
+    sim = usim.simulate_attention(encoder, seq_len=6)
+    calls = count_calls(sim)
+    x = torch.randn(5, 3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sim(x, src_key_padding_mask=PADDING), encoder(x, src_key_padding_mask=PADDING),
+                                   rtol=1e-4, atol=1e-5, msg=f"seed {seed}")
+    assert len(calls) == 2
+    # every layer of the same sizes runs on one shared U: one encoder, one compiled program
+    sims = [m for m in sim.modules() if isinstance(m, SimulatedMultiheadAttention)]
+    assert sims[0].simulator is sims[1].simulator
+
+
+def test_inplace_and_bad_arguments():
+    layer = nn.TransformerEncoderLayer(8, 2).eval()
+    assert usim.simulate_attention(layer, seq_len=4, inplace=True) is layer
+    assert isinstance(layer.self_attn, SimulatedMultiheadAttention)
+    with pytest.raises(TypeError, match="nn.Module"):
+        usim.simulate_attention("model", seq_len=4)
+    with pytest.raises(ValueError, match="seq_len"):
+        usim.simulate_attention(layer, seq_len=0)
+    layer.train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        layer(torch.randn(4, 1, 8))
+
+
+def test_gradients_reach_the_mha_weights(seed):
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=4)
+    x = torch.randn(2, 4, 8)
+    grads = []
+    for module in (mha, sim):
+        module.zero_grad()
+        (module(x, x, x, need_weights=False)[0] ** 2).sum().backward()
+        grads.append([p.grad for p in module.parameters()])
+    for ours, theirs in zip(*reversed(grads)):
+        assert ours is not None
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), seed
+
+
+def test_training_gives_the_same_losses(seed):
+    # a tiny model trained for a few SGD steps with MHA and with the drop-in, from the same weights
+    torch.manual_seed(seed % 2 ** 31)
+    model = nn.Sequential(nn.Linear(4, 8))
+    attention = nn.MultiheadAttention(8, 2, batch_first=True)
+    head = nn.Linear(8, 1)
+    x, target = torch.randn(6, 3, 4), torch.randn(6, 3, 1)
+    losses = []
+    for simulated in (False, True):
+        modules = copy.deepcopy((model, attention, head))
+        if simulated:
+            modules = (modules[0], SimulatedMultiheadAttention.from_torch(modules[1], seq_len=3), modules[2])
+        optimizer = torch.optim.SGD([p for m in modules for p in m.parameters()], lr=0.1)
+        run = []
+        for _ in range(3):
+            h = modules[0](x)
+            loss = ((modules[2](modules[1](h, h, h, need_weights=False)[0]) - target) ** 2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            run.append(loss.item())
+        losses.append(run)
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=0)
+
+
+def test_state_dict_interchangeable_with_mha_both_ways():
+    mha = nn.MultiheadAttention(8, 2)
+    sim = SimulatedMultiheadAttention(8, 2, seq_len=4)
+    assert sim.state_dict().keys() == mha.state_dict().keys()
+    sim.load_state_dict(mha.state_dict(), strict=True)
+    mha.load_state_dict(sim.state_dict(), strict=True)
+    x = torch.randn(4, 2, 8)
+    torch.testing.assert_close(sim(x, x, x)[0], mha(x, x, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_module_habits(seed):
+    u = usim.UniversalSimulator(3, 2, heads=2)
+    x, a, v = torch.randn(2, 3, 2), torch.randn(2, 2, 2), torch.randn(2, 2, 2)
+    y = u(x, a, v)
+    for convert in (lambda m: m.float(), lambda m: m.double(), lambda m: m.to(dtype=torch.float32, device="cpu")):
+        assert torch.equal(convert(u)(x, a, v), y), seed
+    assert torch.equal(copy.deepcopy(u)(x, a, v), y) and torch.equal(pickle.loads(pickle.dumps(u))(x, a, v), y)
+    with torch.inference_mode():
+        built_in_inference = usim.UniversalSimulator(3, 2, heads=2)
+    assert torch.equal(built_in_inference(x, a, v), y), seed
+    with pytest.raises(ValueError, match="float32 or float64"):
+        u(x.half(), a.half(), v.half())
+    assert "\n" not in repr(u) and "depth=9" in repr(u)
+    sim = SimulatedMultiheadAttention(8, 2, seq_len=3)
+    assert len(repr(sim).splitlines()) == len(repr(nn.MultiheadAttention(8, 2)).splitlines()) + 1
+    x = torch.randn(3, 1, 8)
+    out = sim(x, x, x)[0]
+    assert torch.equal(pickle.loads(pickle.dumps(sim))(x, x, x)[0], out)
+    assert torch.equal(copy.deepcopy(sim).double().float()(x, x, x)[0], out)
