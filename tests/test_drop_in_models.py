@@ -137,3 +137,59 @@ def test_module_habits(seed):
     out = sim(x, x, x)[0]
     assert torch.equal(pickle.loads(pickle.dumps(sim))(x, x, x)[0], out)
     assert torch.equal(copy.deepcopy(sim).double().float()(x, x, x)[0], out)
+
+
+def test_transformer_encoder_decoder_with_causal_and_padding_masks(seed):
+    model = nn.Transformer(d_model=8, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                           batch_first=True).eval()
+    sim = usim.simulate_attention(model, seq_len=5)
+    calls = count_calls(sim)
+    src, tgt = torch.randn(2, 5, 8), torch.randn(2, 4, 8)
+    masks = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(4), tgt_is_causal=True,
+                 src_key_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]),
+                 tgt_key_padding_mask=torch.tensor([[False] * 4, [False] * 3 + [True]]),
+                 memory_key_padding_mask=torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))
+    with torch.no_grad():
+        torch.testing.assert_close(sim(src, tgt, **masks), model(src, tgt, **masks), rtol=1e-4, atol=1e-5,
+                                   msg=f"seed {seed}")
+    assert len(calls) == 3  # encoder self-attention, decoder self-attention, decoder cross-attention
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", "per head"])
+def test_cross_attention_and_attn_mask_as_mha(seed, mask_kind):
+    mha = nn.MultiheadAttention(6, 2, kdim=5, vdim=3, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=5)
+    assert sim.state_dict().keys() == mha.state_dict().keys()
+    q, k, v = torch.randn(2, 4, 6), torch.randn(2, 5, 5), torch.randn(2, 5, 3)
+    if mask_kind == "bool":
+        mask = torch.rand(4, 5) < 0.3
+        mask[:, 0] = False
+    elif mask_kind == "float":
+        mask = torch.randn(4, 5).masked_fill(torch.rand(4, 5) < 0.3, float("-inf"))
+        mask[:, 0] = 0.0
+    else:  # (N * num_heads, L, S)
+        mask = torch.rand(4, 4, 5) < 0.3
+        mask[..., 1] = False
+    padding = torch.tensor([[False] * 5, [False] * 4 + [True]])
+    ref = nn.MultiheadAttention(6, 2, kdim=5, vdim=3, batch_first=True, dtype=torch.float64)
+    ref.load_state_dict({key: t.double() for key, t in mha.state_dict().items()})
+    expected, expected_w = ref(q.double(), k.double(), v.double(), key_padding_mask=padding,
+                               attn_mask=mask if mask.dtype == torch.bool else mask.double())
+    theirs = mha(q, k, v, key_padding_mask=padding, attn_mask=mask)[0]
+    ours, ours_w = sim(q, k, v, key_padding_mask=padding, attn_mask=mask)
+    torch_err = (theirs.double() - expected).abs().max().item()
+    assert (ours.double() - expected).abs().max().item() <= 10 * torch_err + 1e-6, seed
+    torch.testing.assert_close(ours_w.double(), expected_w, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
+
+
+def test_fully_masked_row_gives_what_mha_gives():
+    mha = nn.MultiheadAttention(4, 2)
+    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=3)
+    x = torch.randn(3, 1, 4)
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[1] = True
+    theirs, ours = mha(x, x, x, attn_mask=mask)[0], sim(x, x, x, attn_mask=mask)[0]
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours[1]).all()
+    torch.testing.assert_close(ours[[0, 2]], theirs[[0, 2]], rtol=1e-4, atol=1e-5)

@@ -50,14 +50,16 @@ def test_shorter_sequence_unbatched_and_per_head_weights(seed):
 def test_bad_input():
     sim = SimulatedMultiheadAttention(4, 2, seq_len=3)
     x = torch.randn(3, 1, 4)
-    with pytest.raises(ValueError, match="self-attention"):
-        sim(x, torch.randn(3, 1, 4), x)
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        sim(x, x, x, attn_mask=torch.zeros(3, 3, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="is_causal"):
-        sim(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        sim(x, x, x, is_causal=True)  # as nn.MultiheadAttention: the hint needs its mask
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        sim(x, x, x, attn_mask=torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        sim(x, x, x, key_padding_mask=[[False, False, True]])
     with pytest.raises(ValueError, match="seq_len"):
         y = torch.randn(4, 1, 4)
         sim(y, y, y)
+    with pytest.raises(ValueError, match="key"):
+        sim(x, torch.randn(3, 2, 4), x)
     with pytest.raises(ValueError, match="divisible"):
         SimulatedMultiheadAttention(5, 2, seq_len=3)

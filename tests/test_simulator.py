@@ -189,7 +189,9 @@ def test_factored_checkpoint_through_bare_encoder(seed, tmp_path):
     x, wq, wk, wv, wo, bo = factored_inputs(3, 2, 2, 2)
     assert loaded.head_dim == 2 and torch.equal(loaded(x, wq, wk, wv, wo, bo=bo), u(x, wq, wk, wv, wo, bo=bo)), seed
     encoder = usim.Encoder.load(tmp_path / "f.safetensors")
-    arrays = [x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), bo, torch.ones(1), torch.zeros(3)]
+    none_ignored, no_bias = torch.zeros(3, 3), torch.zeros(3, 3)  # per head: ignore flags, score bias
+    arrays = [x, x, x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), bo, torch.ones(1),
+              none_ignored, none_ignored, no_bias, no_bias]
     y, *_ = u.layout.unpack(encoder(u.layout.pack(*arrays)))
     assert torch.equal(y, u(x, wq, wk, wv, wo, bo=bo)), seed
 
@@ -217,3 +219,35 @@ def test_factored_bad_input():
         u(x, wq, wk, wv, wo, bo=torch.zeros(5))
     with pytest.raises(ValueError, match="ffn_hidden"):
         UniversalSimulator(3, 2, ffn_hidden=2, head_dim=2)
+
+
+def test_factored_cross_attention_and_attention_masks(seed):
+    # queries of length 3 and width 4; keys (width 5) and values (width 2) of length 5
+    u = UniversalSimulator(3, 4, heads=2, head_dim=2, kv_len=5, kdim=5, vdim=2)
+    dt = torch.float64
+    x, key, value = torch.randn(2, 3, 4, dtype=dt), torch.randn(2, 5, 5, dtype=dt), torch.randn(2, 5, 2, dtype=dt)
+    wq, wk, wv = torch.randn(2, 4, 2, dtype=dt), torch.randn(2, 5, 2, dtype=dt), torch.randn(2, 2, 2, dtype=dt)
+    wo, bo = torch.randn(2, 2, 4, dtype=dt), torch.randn(4, dtype=dt)
+    causal = torch.ones(3, 5, dtype=torch.bool).triu(1)  # True = left out
+    additive = torch.randn(2, 2, 3, 5, dtype=dt).masked_fill(torch.rand(2, 2, 3, 5) < 0.3, float("-inf"))
+    additive[..., 0] = 0.0  # every row keeps key 0
+    padding = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    q, k, v = x[:, None] @ wq, key[:, None] @ wk, value[:, None] @ wv
+    for mask in (causal, additive):
+        scores = q @ k.mT
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = torch.softmax(scores.masked_fill(padding[:, None, None, :], float("-inf")), -1)
+        y, p = u.attention(x, wq, wk, wv, wo, key=key, value=value, key_padding_mask=padding, attn_mask=mask, bo=bo)
+        torch.testing.assert_close(y, (weights @ v @ wo).sum(1) + bo, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+        torch.testing.assert_close(p, weights, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
+    # a row whose every score is left out gives NaN there, as nn.MultiheadAttention does
+    full = torch.zeros(3, 5, dtype=torch.bool)
+    full[1] = True
+    y = u(x, wq, wk, wv, wo, key=key, value=value, attn_mask=full)
+    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all(), seed
+    with pytest.raises(ValueError, match="attn_mask must be"):
+        u(x, wq, wk, wv, wo, key=key, value=value, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="same length"):
+        u(x, wq, wk, wv, wo, key=key, value=value[:, :4])
+    with pytest.raises(ValueError, match="factored form"):
+        UniversalSimulator(3, 2)(x[..., :2], torch.randn(2, 2), torch.randn(2, 2), attn_mask=causal)

@@ -35,13 +35,16 @@ _SIMULATORS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 
-def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, execution: str) -> UniversalSimulator:
-    """The U of these sizes, built on first use and kept while a drop-in holds it."""
-    key = (seq_len, d, heads, head_dim, execution)
+def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, kdim: int, vdim: int,
+                     execution: str) -> UniversalSimulator:
+    """The U of these sizes (keys and values of up to seq_len tokens too), built on first use and
+    kept while a drop-in holds it."""
+    key = (seq_len, d, heads, head_dim, kdim, vdim, execution)
     with _LOCK:
         simulator = _SIMULATORS.get(key)
         if simulator is None:
-            simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, execution=execution)
+            simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
+                                           vdim=vdim, execution=execution)
             _SIMULATORS[key] = simulator
         return simulator
 
@@ -62,19 +65,22 @@ class _Shared:
 
 
 class SimulatedMultiheadAttention(nn.Module):
-    r"""Self-attention with the signature of :class:`torch.nn.MultiheadAttention`, computed by U.
+    r"""Attention with the signature of :class:`torch.nn.MultiheadAttention`, computed by U.
 
     Args:
         embed_dim: Total dimension of the model.
         num_heads: Number of parallel attention heads; ``embed_dim`` must be divisible by it.
-        seq_len: The longest sequence the simulator is built for; shorter ones are padded and masked.
+        seq_len: The longest query and key sequence the simulator is built for; shorter ones are padded
+            and masked.
         bias: If specified, adds bias to input / output projection layers. Default: ``True``.
+        kdim, vdim: Total number of features for keys and values. Default: ``embed_dim``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
         execution: ``"fast"`` (default) or ``"dense"``, the simulator's execution (see ``usim.Encoder``).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, batch_first: bool = False,
-                 device=None, dtype=None, execution: str = "fast"):
+    def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device=None, dtype=None,
+                 execution: str = "fast"):
         super().__init__()
         check_size("embed_dim", embed_dim)
         check_size("num_heads", num_heads)
@@ -87,10 +93,23 @@ class SimulatedMultiheadAttention(nn.Module):
         self.batch_first = batch_first
         self.has_bias = bias
         self.dropout = 0.0  # as nn.MultiheadAttention's; only 0 is simulated in training mode
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.kdim = check_size("kdim", kdim) if kdim is not None else embed_dim
+        self.vdim = check_size("vdim", vdim) if vdim is not None else embed_dim
+        if self.kdim == self.vdim == embed_dim:  # the parameters and state_dict keys of nn.MultiheadAttention
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim, **factory)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        nn.init.xavier_uniform_(self.in_proj_weight)
         if bias:
             nn.init.zeros_(self.out_proj.bias)
         self.execution = execution
@@ -111,47 +130,45 @@ class SimulatedMultiheadAttention(nn.Module):
     def execution(self, mode: str) -> None:
         if mode not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
-        d = self.embed_dim + int(self.has_bias)
-        self._shared = _Shared((self.seq_len, d, self.num_heads, self.head_dim, mode))
+        extra = int(self.has_bias)  # the homogeneous coordinate
+        self._shared = _Shared((self.seq_len, self.embed_dim + extra, self.num_heads, self.head_dim,
+                                self.kdim + extra, self.vdim + extra, mode))
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast") -> "SimulatedMultiheadAttention":
         """Copy the weights of an existing ``nn.MultiheadAttention`` (packed q/k/v projections)."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
-        if not mha._qkv_same_embed_dim:
-            raise ValueError("only nn.MultiheadAttention with kdim == vdim == embed_dim is supported")
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported")
-        p = mha.in_proj_weight
-        sim = cls(mha.embed_dim, mha.num_heads, seq_len, bias=mha.in_proj_bias is not None,
-                  batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
+        p = mha.out_proj.weight
+        sim = cls(mha.embed_dim, mha.num_heads, seq_len, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
+                  vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
         sim.dropout = mha.dropout
         sim.train(mha.training)
-        with torch.no_grad():
-            sim.in_proj_weight.copy_(mha.in_proj_weight)
-            sim.out_proj.weight.copy_(mha.out_proj.weight)
-            if sim.has_bias:
-                sim.in_proj_bias.copy_(mha.in_proj_bias)
-                sim.out_proj.bias.copy_(mha.out_proj.bias)
+        sim.load_state_dict(mha.state_dict(), strict=True)
         return sim
 
     def folded(self, dtype=torch.float64):
         """U's weights (wq, wk, wv (H, d, head_dim), wo (H, head_dim, d), bo (d,)), folded from the
         MHA weights in float64 (d = embed_dim + 1 with bias, the homogeneous coordinate). The folding
         is differentiable: gradients reach in_proj_weight, in_proj_bias and out_proj."""
-        H = self.num_heads
-        w = self.in_proj_weight.double()
-        if self.has_bias:
-            w = torch.cat([w, self.in_proj_bias.double()[:, None]], dim=1)  # (3E, E+1)
-        wq, wk, wv = (rearrange(t, "(h k) e -> h e k", h=H) for t in w.chunk(3))
+        H, E = self.num_heads, self.embed_dim
+        if self.in_proj_weight is not None:
+            weights = self.in_proj_weight.double().chunk(3)
+        else:
+            weights = (self.q_proj_weight.double(), self.k_proj_weight.double(), self.v_proj_weight.double())
+        if self.has_bias:  # the homogeneous coordinate: [W | b] on [x, 1]
+            biases = self.in_proj_bias.double().chunk(3)
+            weights = [torch.cat([w, b[:, None]], dim=1) for w, b in zip(weights, biases)]
+        wq, wk, wv = (rearrange(t, "(h k) e -> h e k", h=H) for t in weights)
         wq = wq / math.sqrt(self.head_dim)
         wo = rearrange(self.out_proj.weight.double(), "e (h k) -> h k e", h=H)
         if self.has_bias:  # the homogeneous column of the output is 0
             wo = torch.cat([wo, wo.new_zeros(*wo.shape[:-1], 1)], dim=-1)
             bo = torch.cat([self.out_proj.bias.double(), wo.new_zeros(1)])
         else:
-            bo = wo.new_zeros(w.shape[1])
+            bo = wo.new_zeros(E)
         return tuple(t.to(dtype) for t in (wq, wk, wv, wo, bo))
 
     # nn.TransformerEncoderLayer / nn.TransformerEncoder take PyTorch's native fused kernel (which
@@ -160,34 +177,47 @@ class SimulatedMultiheadAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        r"""Same arguments and return tuple as :meth:`torch.nn.MultiheadAttention.forward`, for self-attention.
+        r"""Same arguments and return tuple as :meth:`torch.nn.MultiheadAttention.forward`.
 
         Returns:
             attn_output: (L, N, E), or (N, L, E) with ``batch_first``, or (L, E) unbatched.
-            attn_weights: None unless ``need_weights``; (N, L, L) averaged over heads, or
-            (N, num_heads, L, L) when ``average_attn_weights=False`` (batch dim dropped if unbatched).
+            attn_weights: None unless ``need_weights``; (N, L, S) averaged over heads, or
+            (N, num_heads, L, S) when ``average_attn_weights=False`` (batch dim dropped if unbatched).
         """
-        if not (key is query or torch.equal(key, query)) or not (value is query or torch.equal(value, query)):
-            raise ValueError("SimulatedMultiheadAttention computes self-attention: query, key and value "
-                             "must be the same tensor")
         if self.training and self.dropout > 0:
             raise NotImplementedError(f"dropout {self.dropout} on the attention weights in training mode is not "
                                       "simulated (U computes the weights inside the encoder); use eval mode")
-        if attn_mask is not None or is_causal:
-            raise NotImplementedError("attn_mask and is_causal are not simulated yet: U masks keys only "
-                                      "(use key_padding_mask)")
-        if not isinstance(query, torch.Tensor) or query.dim() not in (2, 3) or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must be (L, E), (L, N, E) or (N, L, E) with E={self.embed_dim}, "
-                             f"got {tuple(getattr(query, 'shape', ()))}")
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention).")
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() not in (2, 3) or t.shape[-1] != width:
+                raise ValueError(f"{name} must be (L, {width}), (L, N, {width}) or (N, L, {width}), "
+                                 f"got {tuple(t.shape)}")
         unbatched = query.dim() == 2
-        x = query[None] if unbatched else (query if self.batch_first else query.transpose(0, 1))
-        if x.shape[1] > self.seq_len:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds the simulator's seq_len {self.seq_len}")
-        mask = self._key_mask(key_padding_mask, x, unbatched)
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(f"query, key and value must all be batched or all unbatched, got "
+                             f"{query.dim()}, {key.dim()} and {value.dim()} axes")
+
+        def batched(t):  # (N, L, features)
+            return t[None] if unbatched else (t if self.batch_first else t.transpose(0, 1))
+
+        x, k, v = batched(query), batched(key), batched(value)
+        if max(x.shape[1], k.shape[1]) > self.seq_len:
+            raise ValueError(f"sequence length {max(x.shape[1], k.shape[1])} exceeds the simulator's seq_len "
+                             f"{self.seq_len}")
+        if k.shape[:2] != v.shape[:2] or k.shape[0] != x.shape[0]:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query {tuple(query.shape)}")
+        mask = self._key_mask(key_padding_mask, k, unbatched)
+        scores_mask = self._attn_mask(attn_mask, x.shape[0], x.shape[1], k.shape[1])
         if self.has_bias:
-            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+            x, k, v = (torch.cat([t, torch.ones_like(t[..., :1])], dim=-1) for t in (x, k, v))
         wq, wk, wv, wo, bo = (t.to(x.device) for t in self.folded(x.dtype))
-        out, weights = self.simulator.attention(x, wq, wk, wv, wo, key_padding_mask=mask, bo=bo)
+        self_attention = query is key and key is value
+        out, weights = self.simulator.attention(x, wq, wk, wv, wo, key=None if self_attention else k,
+                                                value=None if self_attention else v, key_padding_mask=mask,
+                                                attn_mask=scores_mask, bo=bo)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)
@@ -197,13 +227,29 @@ class SimulatedMultiheadAttention(nn.Module):
             return out, None
         return out, (weights.mean(dim=-3) if average_attn_weights else weights)
 
+    def _attn_mask(self, mask, batch, length, source):
+        """attn_mask (L, S) or (N * num_heads, L, S), as nn.MultiheadAttention takes it -> U's
+        (L, S) or (N, num_heads, L, S)."""
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if mask.dim() == 2 and mask.shape == (length, source):
+            return mask
+        if mask.dim() == 3 and mask.shape == (batch * self.num_heads, length, source):
+            return mask.unflatten(0, (batch, self.num_heads))
+        raise ValueError(f"attn_mask must be ({length}, {source}) or ({batch * self.num_heads}, {length}, "
+                         f"{source}), got {tuple(mask.shape)}")
+
     def _key_mask(self, mask, x, unbatched):
         if mask is None:
             return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dim() == 1 and unbatched:
             mask = mask[None]
         if mask.shape != x.shape[:2]:
-            raise ValueError(f"key_padding_mask must be (N, L) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+            raise ValueError(f"key_padding_mask must be (N, S) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
         if mask.dtype == torch.bool:
             return mask
         if torch.is_floating_point(mask) and bool(((mask == 0) | (mask == float("-inf"))).all()):
@@ -215,10 +261,10 @@ def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
     """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
     ``SimulatedMultiheadAttention`` (same weights, U built for sequences up to ``seq_len``).
 
-    A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer`` and
-    ``nn.TransformerEncoder`` with their default arguments in eval mode (PyTorch's fused fast path
-    steps aside, so the simulator really runs); attention masks (``attn_mask``, ``is_causal``) and
-    cross-attention raise NotImplementedError when called."""
+    A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
+    ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` with their default arguments in eval mode
+    (PyTorch's fused fast path steps aside, so the simulator really runs), with attention masks and
+    cross-attention; dropout in training mode raises NotImplementedError when called."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_size("seq_len", seq_len)
@@ -229,4 +275,6 @@ def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
         for name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention):
                 setattr(module, name, SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution))
+        if getattr(module, "use_nested_tensor", False):  # nn.TransformerEncoder decided this with MHA inside:
+            module.use_nested_tensor = False  # nested tensors would skip the layers' attention modules
     return model

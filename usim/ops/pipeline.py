@@ -58,6 +58,7 @@ class Product:
     terms: int
     left: Callable
     right: Callable
+    addend: str | None = None  # an input block of out's shape added to the result (e.g. a score bias)
 
 
 class Pipeline:
@@ -68,7 +69,6 @@ class Pipeline:
         self.scratch: dict = {"null": (1,)}
         self.home = {name: "value" for name in self.inputs}
         self.stages: list = []
-        self.keep: str | None = None
 
     def shape(self, block: str) -> tuple:
         for blocks in (self.inputs, self.outputs, self.scratch):
@@ -84,32 +84,39 @@ class Pipeline:
 
     def matmul(self, tag: str, products: list[Product], activation: str = "identity") -> str:
         """A stage computing every product (each into its out block) in two layers; returns the
-        stage's output slot. All products of a stage have the same number of terms."""
-        if len({p.terms for p in products}) != 1:
-            raise ValueError(f"stage {tag!r}: every product needs the same number of terms, "
-                             f"got {[p.terms for p in products]}")
+        stage's output slot. A product with fewer terms than the stage's most gets zero terms (both
+        operands read at ``null``), so every output averages the same number of terms."""
         if activation not in ("identity", "relu"):
             raise ValueError(f"stage {tag!r}: activation must map 0 to 0 (identity or relu), got {activation!r}")
         out = f"{tag}out"
+        terms = max(p.terms for p in products)
         for p in products:
             if len(self.shape(p.out)) != 2:
                 raise ValueError(f"stage {tag!r}: output block {p.out!r} must be a matrix")
-            self.scratch[f"{tag}terms:{p.out}"] = (*self.shape(p.out), p.terms)
+            self.scratch[f"{tag}terms:{p.out}"] = (*self.shape(p.out), terms)
         self.stages.append(("matmul", tag, products, activation))
         for p in products:
             self.home[p.out] = out
         return out
 
-    def softmax(self, tag: str, blocks: list[str], keep: str | None = None) -> str:
-        """Row-wise softmax of each block (its home slot) into slot ``tag + "p"``, keys masked by the
-        flags of block ``keep`` (m,) (1 = the column's key is ignored); returns the slot."""
+    def softmax(self, tag: str, blocks: list[str], keep=None) -> str:
+        """Row-wise softmax of each block (its home slot) into slot ``tag + "p"``; returns the slot.
+        Keys are masked by ignore flags (1 = ignored): ``keep`` names one input block of m flags (one
+        per column, for every row), or a list of input blocks, one per softmax block and of its
+        shape (one flag per entry)."""
         widths = {self.shape(b)[-1] for b in blocks}
         if len(widths) != 1 or any(len(self.shape(b)) != 2 for b in blocks):
             raise ValueError(f"softmax {tag!r}: blocks must be matrices with one row length, "
                              f"got {[self.shape(b) for b in blocks]}")
-        if keep is not None and self.shape(keep) != (widths.pop(),):
-            raise ValueError(f"softmax {tag!r}: key flags {keep!r} must have one flag per column")
-        self.stages.append(("softmax", tag, blocks, keep))
+        flags = [keep] * len(blocks) if isinstance(keep, str) else keep
+        if flags is not None:
+            if len(flags) != len(blocks) or any(f not in self.inputs for f in flags):
+                raise ValueError(f"softmax {tag!r}: ignore flags {keep!r} must be input blocks, one per block")
+            for blk, f in zip(blocks, flags):
+                if self.shape(f) not in ((widths.copy().pop(),), self.shape(blk)):
+                    raise ValueError(f"softmax {tag!r}: ignore flags {f!r} {self.shape(f)} fit neither a row nor "
+                                     f"block {blk!r} {self.shape(blk)}")
+        self.stages.append(("softmax", tag, blocks, flags))
         for b in blocks:
             self.home[b] = f"{tag}p"
         return f"{tag}p"
@@ -135,32 +142,50 @@ class Pipeline:
                 i, k, t = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q),
                                                                   torch.arange(terms), indexing="ij"))
                 span = layout.span(term_block)
+                real = t < p.terms  # the padding terms of a shorter product read null's zeros
+                positions = torch.arange(span.start, span.stop)[real]
                 for side, operand in (("fa", p.left), ("fb", p.right)):
-                    blocks, rows, cols = operand(i, k, t)
-                    per_term = [blocks] * terms if isinstance(blocks, str) else list(blocks)
-                    if len(per_term) != terms:
-                        raise ValueError(f"stage {tag!r}: {len(per_term)} operand blocks for {terms} terms")
-                    block_of = torch.tensor([index[name] for name in per_term])[t]
+                    blocks, rows, cols = operand(i[real], k[real], t[real])
+                    per_term = [blocks] * p.terms if isinstance(blocks, str) else list(blocks)
+                    if len(per_term) != p.terms:
+                        raise ValueError(f"stage {tag!r}: {len(per_term)} operand blocks for {p.terms} terms")
+                    block_of = torch.tensor([index[name] for name in per_term])[t[real]]
                     for name in set(per_term):
                         homes.setdefault((tag, side), set()).add(self.home_at(name, tag))
                         at = block_of == index[name]
                         _check_inside(tag, name, self.shape(name), torch.as_tensor(rows)[at], torch.as_tensor(cols)[at])
-                    addresses[f"{side}.block"][span.start: span.stop] = block_of
-                    addresses[f"{side}.row"][span.start: span.stop] = torch.as_tensor(rows)
-                    addresses[f"{side}.col"][span.start: span.stop] = torch.as_tensor(cols)
+                    addresses[f"{side}.block"][positions] = block_of
+                    addresses[f"{side}.row"][positions] = torch.as_tensor(rows)
+                    addresses[f"{side}.col"][positions] = torch.as_tensor(cols)
                 out_span = layout.span(p.out)
                 rows, cols = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q), indexing="ij"))
                 addresses["rd.block"][out_span.start: out_span.stop] = index[term_block]
                 addresses["rd.row"][out_span.start: out_span.stop] = rows
                 addresses["rd.col"][out_span.start: out_span.stop] = cols
-        if self.keep_flags is not None:  # the key flag each softmax token reads: its column's, else null's
-            kp_block, kp_col = torch.full((layout.length,), null, dtype=torch.long), torch.zeros(layout.length, dtype=torch.long)
-            for kind, tag, blocks, keep in self.stages:
-                for blk in (blocks if kind == "softmax" else []):
-                    span = layout.span(blk)
-                    kp_block[span.start: span.stop] = index[keep]
-                    kp_col[span.start: span.stop] = torch.arange(span.stop - span.start) % self.shape(blk)[-1]
-            addresses.update({"kp.block": kp_block, "kp.col": kp_col})
+        if self.keep_flags:  # the ignore flag each softmax token reads: its entry's, else null's (0)
+            kp = {a: torch.zeros(layout.length, dtype=torch.long) for a in ADDRESS}
+            kp["block"][:] = null
+            for kind, tag, blocks, flags in self.stages:
+                for blk, f in zip(blocks, flags) if kind == "softmax" and flags else ():
+                    span, (rows, cols) = layout.span(blk), self.shape(blk)
+                    kp["block"][span.start: span.stop] = index[f]
+                    if len(self.shape(f)) == 2:  # one flag per entry, else one per column
+                        kp["row"][span.start: span.stop] = torch.arange(rows).repeat_interleave(cols)
+                    kp["col"][span.start: span.stop] = torch.arange(rows * cols) % cols
+            addresses.update({f"kp.{a}": v for a, v in kp.items()})
+        for kind, tag, products, _ in self.stages:  # each output's addend (a bias block), else null (0)
+            for p in (products if kind == "matmul" else []):
+                if p.addend is not None:
+                    if self.shape(p.addend) != self.shape(p.out) or p.addend not in self.inputs:
+                        raise ValueError(f"stage {tag!r}: addend {p.addend!r} must be an input block of "
+                                         f"{p.out!r}'s shape {self.shape(p.out)}")
+                    if "ad.block" not in addresses:
+                        addresses.update({f"ad.{a}": torch.zeros(layout.length, dtype=torch.long) for a in ADDRESS})
+                        addresses["ad.block"][:] = null
+                    span, (rows, cols) = layout.span(p.out), self.shape(p.out)
+                    addresses["ad.block"][span.start: span.stop] = index[p.addend]
+                    addresses["ad.row"][span.start: span.stop] = torch.arange(rows).repeat_interleave(cols)
+                    addresses["ad.col"][span.start: span.stop] = torch.arange(rows * cols) % cols
         for name, values in addresses.items():
             b.positional(name, values)
         self._layers(b, index, homes)
@@ -199,24 +224,28 @@ class Pipeline:
                     heads.append(self._drop_head(b, index))
                 first = False
                 b.layer(heads, FFN("bilinear", [Unit(a, term, gate=c)]))
-                terms = items[0].terms
+                terms = max(p.terms for p in items)
                 reduce = Head([match({name: f"rd.{name}" for name in ADDRESS})], [(term, mean)],
                               name=f"{tag}sum", average=True)
-                b.layer([reduce], FFN(option, [Unit({mean: float(terms)}, out)]))
+                heads, total = [reduce], {mean: float(terms)}
+                if any(p.addend is not None for p in items):  # out = act(T * mean + addend)
+                    add = b.slot(f"{tag}add")
+                    heads.append(Head([match({name: f"ad.{name}" for name in ADDRESS})], [("value", add)],
+                                      name=f"{tag}addend"))
+                    total[add] = 1.0
+                b.layer(heads, FFN(option, [Unit(total, out)]))
             else:
                 self._softmax_layers(b, tag, items, option)
 
     @property
-    def keep_flags(self) -> str | None:
-        keeps = {option for kind, _, _, option in self.stages if kind == "softmax" and option is not None}
-        if len(keeps) > 1:
-            raise ValueError(f"one key mask per pipeline, got {sorted(keeps)}")
-        return keeps.pop() if keeps else None
+    def keep_flags(self) -> bool:
+        """Whether some softmax stage masks keys (then one head of the first layer reads the flags)."""
+        return any(kind == "softmax" and option for kind, _, _, option in self.stages)
 
     def _drop_head(self, b: Builder, index: dict) -> Head:
-        """drop = the ignore flag of the token's column at the softmax blocks, 0 elsewhere."""
+        """drop = the ignore flag of the token's entry (or column) at the softmax blocks, 0 elsewhere."""
         b.slot("drop")
-        return Head([match({"block": "kp.block", "col": "kp.col"})], [("value", "drop")], name="key flags")
+        return Head([match({a: f"kp.{a}" for a in ADDRESS})], [("value", "drop")], name="key flags")
 
     def _softmax_layers(self, b: Builder, tag: str, blocks: list[str], keep) -> None:
         src = self.home_at(blocks[0], tag)

@@ -87,18 +87,26 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
     return pipe
 
 
-def _factored_pipeline(n: int, d: int, heads: int, r: int) -> Pipeline:
+def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vdim: int) -> Pipeline:
+    """Queries x (n, d); keys xk (m, kdim) and values xv (m, vdim) (the same tensors for
+    self-attention); per head ignore flags (n, m) (1 = the score is left out) and a score bias (n, m)."""
     proj = ("wq", "wk", "wv")
-    inputs = {"x": (n, d), **{f"{w}{h}": (d, r) for w in proj for h in range(heads)},
-              **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,), "ignore": (n,)}
-    weights = {f"s{h}": (n, n) for h in range(heads)}
+    sizes = {"wq": d, "wk": kdim, "wv": vdim}
+    inputs = {"x": (n, d), "xk": (m, kdim), "xv": (m, vdim),
+              **{f"{w}{h}": (sizes[w], r) for w in proj for h in range(heads)},
+              **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,),
+              **{f"ignore{h}": (n, m) for h in range(heads)}, **{f"bias{h}": (n, m) for h in range(heads)}}
+    weights = {f"s{h}": (n, m) for h in range(heads)}
     pipe = Pipeline(inputs, {"y": (n, d), **weights})
-    q, k, v, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "k", "v", "o"))
-    pipe.matmul("qkv.", [Product(blk[h], d, matrix("x", "i", "t"), matrix(f"{w}{h}", "t", "k"))
+    q, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
+    k, v = ([pipe.block(f"{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
+    source = {"wq": "x", "wk": "xk", "wv": "xv"}
+    pipe.matmul("qkv.", [Product(blk[h], sizes[w], matrix(source[w], "i", "t"), matrix(f"{w}{h}", "t", "k"))
                          for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
-    pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t")) for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep="ignore")
-    pipe.matmul("pv.", [Product(o[h], n, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
+    pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"), addend=f"bias{h}")
+                       for h in range(heads)])
+    pipe.softmax("p.", list(weights), keep=[f"ignore{h}" for h in range(heads)])
+    pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
     pipe.matmul("out.", [Product("y", terms,
                                  _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
@@ -120,17 +128,26 @@ class UniversalSimulator(Construction):
     """
 
     def __init__(self, n: int, d: int, heads: int = 1, ffn_hidden: int | None = None, *,
-                 head_dim: int | None = None, execution: str = "fast"):
+                 head_dim: int | None = None, kv_len: int | None = None, kdim: int | None = None,
+                 vdim: int | None = None, execution: str = "fast"):
         check_size("n", n)
         check_size("d", d)
         check_size("heads", heads)
         if ffn_hidden is not None:
             check_size("ffn_hidden", ffn_hidden)
+        cross = {"kv_len": kv_len, "kdim": kdim, "vdim": vdim}
+        for name, value in cross.items():
+            if value is not None:
+                check_size(name, value)
+                if head_dim is None:
+                    raise ValueError(f"{name} is for the factored form: pass head_dim too")
         if head_dim is not None:
             check_size("head_dim", head_dim)
             if ffn_hidden is not None:
                 raise ValueError("ffn_hidden is for the (A, V) form; the factored form (head_dim) has none")
-        pipe = _av_pipeline(n, d, heads, ffn_hidden) if head_dim is None else _factored_pipeline(n, d, heads, head_dim)
+            cross = {"kv_len": kv_len or n, "kdim": kdim or d, "vdim": vdim or d}
+        pipe = _av_pipeline(n, d, heads, ffn_hidden) if head_dim is None else \
+            _factored_pipeline(n, d, heads, head_dim, cross["kv_len"], cross["kdim"], cross["vdim"])
         b, layout = pipe.build()
         for h in range(heads):
             b.result(f"s{h}", pipe.home[f"s{h}"])
@@ -138,7 +155,7 @@ class UniversalSimulator(Construction):
         b.result(result, pipe.home[result])
         args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden}
         if head_dim is not None:
-            args = {"n": n, "d": d, "heads": heads, "head_dim": head_dim}
+            args = {"n": n, "d": d, "heads": heads, "head_dim": head_dim, **cross}
         super().__init__(b.build(), layout, args, execution=execution)
 
     @property
@@ -157,14 +174,25 @@ class UniversalSimulator(Construction):
     def head_dim(self) -> int | None:
         return self.args.get("head_dim")
 
-    def forward(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None):
+    def forward(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
+                key=None, value=None, attn_mask=None):
         return self.attention(x, *weights, key_padding_mask=key_padding_mask, w1=w1, w2=w2, residual=residual,
-                              bo=bo)[0]
+                              bo=bo, key=key, value=value, attn_mask=attn_mask)[0]
 
-    def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None):
-        """(output (..., n, d), attention weights (..., heads, n, n)), both read from the encoder."""
+    def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
+                  key=None, value=None, attn_mask=None):
+        """(output (..., n, d), attention weights (..., heads, n, m)), both read from the encoder.
+
+        Factored form only: ``key`` (..., m, kdim) and ``value`` (..., m, vdim) for cross-attention
+        (default: x), ``attn_mask`` (n, m) or (..., heads, n, m), bool (True = left out) or float
+        (added to the scores; -inf = left out); a row with every score left out gives NaN, as in
+        nn.MultiheadAttention."""
         n, d, heads = self.n, self.d, self.heads
         factored = self.head_dim is not None
+        if not factored and (key is not None or value is not None or attn_mask is not None):
+            raise ValueError("key, value and attn_mask are for the factored form (head_dim)")
+        if factored:
+            return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo)
         names = ("wq", "wk", "wv", "wo") if factored else ("a", "v")
         if not factored and 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
             extra = dict(zip(("key_padding_mask", "w1", "w2", "residual"), weights[2:]))
@@ -184,10 +212,7 @@ class UniversalSimulator(Construction):
             raise ValueError(f"x is (..., {n_in}, {d_in}) but this U was built for n <= {n}, d <= {d}")
         ignore = self._ignored(key_padding_mask, x, n_in)
         x = F.pad(x, (0, d - d_in, 0, n - n_in))
-        if factored:
-            arrays = self._factored_inputs(x, weights, bo, d_in)
-        else:
-            arrays = self._av_inputs(x, weights, d_in, w1, w2, residual)
+        arrays = self._av_inputs(x, weights, d_in, w1, w2, residual)
         out, *probs = self.run(*arrays, ignore)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :n_in]
 
@@ -221,21 +246,82 @@ class UniversalSimulator(Construction):
             raise ValueError("w1/w2 given but this U was built without ffn_hidden")
         return arrays
 
-    def _factored_inputs(self, x, weights, bo, d_in):
-        d, r = self.d, self.head_dim
+    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo):
+        n, d, r = self.n, self.d, self.head_dim
+        m, kdim, vdim = self.args["kv_len"], self.args["kdim"], self.args["vdim"]
+        key = x if key is None else key
+        value = key if value is None else value
+        names = ("wq", "wk", "wv", "wo")
+        if len(weights) != len(names):
+            raise TypeError(f"this U (factored, head_dim={r}) takes x and {', '.join(names)}; "
+                            f"got {1 + len(weights)} arrays")
+        for name, t in (("x", x), ("key", key), ("value", value), *zip(names, weights)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 2:
+                raise ValueError(f"{name} must have at least 2 axes, got shape {tuple(t.shape)}")
+        (n_in, d_in), (m_in, k_in), (m_v, v_in) = x.shape[-2:], key.shape[-2:], value.shape[-2:]
+        if m_v != m_in:
+            raise ValueError(f"key and value must have the same length, got {tuple(key.shape)} and {tuple(value.shape)}")
+        for what, got, built in (("x", (n_in, d_in), (n, d)), ("key", (m_in, k_in), (m, kdim)),
+                                 ("value", (m_v, v_in), (m, vdim))):
+            if got[0] > built[0] or got[1] > built[1]:
+                raise ValueError(f"{what} is (..., {got[0]}, {got[1]}) but this U was built for at most "
+                                 f"(..., {built[0]}, {built[1]})")
         wq, wk, wv, wo = weights
-        r_in = wq.shape[-1] if wq.dim() >= 2 else 0
+        r_in = wq.shape[-1]
         if r_in > r:
             raise ValueError(f"wq is {tuple(wq.shape)}: head_dim {r_in} exceeds this U's head_dim {r}")
-        wq, wk, wv = (F.pad(self._per_head(name, t, (d_in, r_in)), (0, r - r_in, 0, d - d_in))
-                      for name, t in zip(("wq", "wk", "wv"), (wq, wk, wv)))
+        wq = F.pad(self._per_head("wq", wq, (d_in, r_in)), (0, r - r_in, 0, d - d_in))
+        wk = F.pad(self._per_head("wk", wk, (k_in, r_in)), (0, r - r_in, 0, kdim - k_in))
+        wv = F.pad(self._per_head("wv", wv, (v_in, r_in)), (0, r - r_in, 0, vdim - v_in))
         wo = F.pad(self._per_head("wo", wo, (r_in, d_in)), (0, d - d_in, 0, r - r_in))
         if bo is None:
             bo = x.new_zeros(d_in)
         if not isinstance(bo, torch.Tensor) or bo.shape[-1:] != (d_in,):
             raise ValueError(f"bo must be a tensor (..., {d_in}), got {tuple(getattr(bo, 'shape', ()))}")
-        one = torch.ones(1, dtype=x.dtype, device=x.device)
-        return [x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), F.pad(bo, (0, d - d_in)), one]
+        ignore, bias = self._score_masks(x, key_padding_mask, attn_mask, n_in, m_in)
+        arrays = [F.pad(x, (0, d - d_in, 0, n - n_in)), F.pad(key, (0, kdim - k_in, 0, m - m_in)),
+                  F.pad(value, (0, vdim - v_in, 0, m - m_in)), *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3),
+                  *wo.unbind(-3), F.pad(bo, (0, d - d_in)), torch.ones(1, dtype=x.dtype, device=x.device),
+                  *ignore.unbind(-3), *bias.unbind(-3)]
+        out, *probs = self.run(*arrays)
+        return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
+
+    def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in):
+        """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
+        bias, from key_padding_mask (..., m) and attn_mask; padded keys are ignored."""
+        heads, n, m = self.heads, self.n, self.args["kv_len"]
+        ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
+        bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, torch.Tensor):
+                raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (m_in,):
+                raise ValueError(f"key_padding_mask must be bool (..., {m_in}), got {key_padding_mask.dtype} "
+                                 f"{tuple(key_padding_mask.shape)}")
+            ignore = ignore | key_padding_mask[..., None, None, :]
+        if attn_mask is not None:
+            if not isinstance(attn_mask, torch.Tensor):
+                raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+            if attn_mask.shape[-2:] != (n_in, m_in) or (attn_mask.dim() > 2 and attn_mask.shape[-3] != heads):
+                raise ValueError(f"attn_mask must be ({n_in}, {m_in}) or (..., {heads}, {n_in}, {m_in}), "
+                                 f"got {tuple(attn_mask.shape)}")
+            if attn_mask.dtype == torch.bool:
+                ignore = ignore | attn_mask
+            elif attn_mask.is_floating_point():
+                if torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any():
+                    raise ValueError("a float attn_mask may hold finite values and -inf only")
+                left_out = attn_mask == float("-inf")
+                ignore = ignore | left_out
+                bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
+            else:
+                raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+        ignore, bias = torch.broadcast_tensors(ignore, bias)
+        # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
+        ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
+        ignore[..., n_in:, :m_in] = False
+        return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
     def _per_head(self, name, t, shape):
         if t.dim() == 2:
