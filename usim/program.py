@@ -32,6 +32,7 @@ from einops import einsum
 from usim.activations import activate
 from usim.average import dense_ordered_sum, ordered_sum
 from usim.plan import Planner, nonzero_columns, static_slots, written_slots
+from usim.progress import track
 
 # A position-only tier scored at run time (after a content tier) is tabulated up to this many scores.
 STATIC_TABLE = 1 << 22
@@ -248,7 +249,7 @@ def _liveness(encoder, planner: Planner):
     for s in readout[out_pos].unique():
         live.mark([s], out_pos[readout[out_pos] == s])
     needs = []
-    for layer in reversed(encoder.layers):
+    for layer in track(list(reversed(encoder.layers)), desc="usim: planning heads (last layer first)"):
         entry = {}
         if layer.ffn is not None:
             writes, reads = _ffn_slots(layer.ffn)
@@ -352,7 +353,7 @@ def compile_encoder(encoder) -> Program:
         return torch.stack([planner.values(int(s), positions) for s in slots], dim=1).double()
 
     steps = []
-    for layer, entry in zip(encoder.layers, needs):
+    for layer, entry in track(list(zip(encoder.layers, needs)), desc="usim: compiling"):
         if "attn" in entry:
             steps.append(_attention_step(layer.attn, entry["attn"], entries, static, positional))
         if "ffn" in entry:

@@ -42,6 +42,7 @@ import torch
 
 from usim.construct import FFN, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
+from usim.progress import track
 from usim.ops.softmax import MASKED
 
 ADDRESS = ("block", "row", "col")
@@ -133,7 +134,7 @@ class Pipeline:
         for side in ("fa", "fb", "rd"):
             addresses[f"{side}.block"][:] = null
         homes: dict = {}
-        for kind, tag, products, _ in self.stages:
+        for kind, tag, products, _ in track(self.stages, desc="usim: building the stages' addresses"):
             if kind != "matmul":
                 continue
             for p in products:
