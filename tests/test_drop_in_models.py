@@ -61,9 +61,25 @@ def test_inplace_and_bad_arguments():
         usim.simulate_attention("model", seq_len=4)
     with pytest.raises(ValueError, match="seq_len"):
         usim.simulate_attention(layer, seq_len=0)
-    layer.train()
-    with pytest.raises(NotImplementedError, match="dropout"):
-        layer(torch.randn(4, 1, 8))
+
+
+def test_dropout_in_training_mode_as_mha(seed):
+    # training mode: the weights are dropped with probability p and the kept ones scaled by 1/(1 - p)
+    # (the random draws are not MHA's); eval mode: no dropout
+    mha = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True, dtype=torch.float64)
+    sim = SimulatedMultiheadAttention.from_torch(mha.eval(), seq_len=6)
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    weights = sim(x, x, x, average_attn_weights=False)[1]
+    torch.testing.assert_close(weights, mha(x, x, x, average_attn_weights=False)[1], rtol=1e-10, atol=1e-12)
+    sim.train()
+    out, dropped = sim(x, x, x, average_attn_weights=False)
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], (weights / 0.5)[kept], rtol=1e-12, atol=1e-14)
+    assert 0.3 < 1 - kept.double().mean().item() < 0.7, seed
+    # the output is the dropped weights applied to the values, then out_proj
+    values = (x @ mha.in_proj_weight[16:].T + mha.in_proj_bias[16:]).unflatten(-1, (2, 4)).transpose(1, 2)
+    expected = mha.out_proj((dropped @ values).transpose(1, 2).flatten(-2))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12, msg=f"seed {seed}")
 
 
 def test_gradients_reach_the_mha_weights(seed):
@@ -193,3 +209,23 @@ def test_fully_masked_row_gives_what_mha_gives():
     theirs, ours = mha(x, x, x, attn_mask=mask)[0], sim(x, x, x, attn_mask=mask)[0]
     assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours[1]).all()
     torch.testing.assert_close(ours[[0, 2]], theirs[[0, 2]], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_threads_and_a_run_path_without_host_syncs(seed):
+    import threading
+
+    u = usim.UniversalSimulator(3, 2, heads=2)
+    x, a, v = torch.randn(2, 3, 2), torch.randn(2, 2, 2), torch.randn(2, 2, 2)
+    y = u(x, a, v)
+    assert torch.equal(torch.compile(u, backend="eager")(x, a, v), y), seed
+    # the compiled program's run path traces whole: no .item(), no data-dependent shapes
+    program = u.encoder.program(torch.float32)
+    seq = u.layout.pack(x, *a, *v, torch.zeros(3))
+    assert torch.equal(torch.compile(program.run, fullgraph=True, backend="eager")(seq), program.run(seq))
+    results = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, u(x, a, v))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, y) for r in results), seed

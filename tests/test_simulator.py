@@ -189,9 +189,9 @@ def test_factored_checkpoint_through_bare_encoder(seed, tmp_path):
     x, wq, wk, wv, wo, bo = factored_inputs(3, 2, 2, 2)
     assert loaded.head_dim == 2 and torch.equal(loaded(x, wq, wk, wv, wo, bo=bo), u(x, wq, wk, wv, wo, bo=bo)), seed
     encoder = usim.Encoder.load(tmp_path / "f.safetensors")
-    none_ignored, no_bias = torch.zeros(3, 3), torch.zeros(3, 3)  # per head: ignore flags, score bias
+    none_ignored, no_bias, unit = torch.zeros(3, 3), torch.zeros(3, 3), torch.ones(3, 3)  # per head
     arrays = [x, x, x, *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3), *wo.unbind(-3), bo, torch.ones(1),
-              none_ignored, none_ignored, no_bias, no_bias]
+              none_ignored, none_ignored, no_bias, no_bias, unit, unit]
     y, *_ = u.layout.unpack(encoder(u.layout.pack(*arrays)))
     assert torch.equal(y, u(x, wq, wk, wv, wo, bo=bo)), seed
 
@@ -200,7 +200,7 @@ def test_width_and_heads_do_not_grow_with_the_sizes():
     # One token per product term: only the sequence grows with n, d, heads and head_dim.
     small, large = UniversalSimulator(2, 2, heads=1, head_dim=1), UniversalSimulator(6, 8, heads=3, head_dim=4)
     assert small.encoder.stream_width == large.encoder.stream_width
-    assert small.width == large.width and small.depth == large.depth == 11
+    assert small.width == large.width and small.depth == large.depth == 12
     assert large.encoder.length > 10 * small.encoder.length
     av_small, av_large = UniversalSimulator(2, 2), UniversalSimulator(8, 6, heads=3)
     assert av_small.encoder.stream_width == av_large.encoder.stream_width and av_small.width == av_large.width

@@ -92,7 +92,7 @@ class SimulatedMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.batch_first = batch_first
         self.has_bias = bias
-        self.dropout = 0.0  # as nn.MultiheadAttention's; only 0 is simulated in training mode
+        self.dropout = 0.0  # as nn.MultiheadAttention's: on the attention weights in training mode
         self.kdim = check_size("kdim", kdim) if kdim is not None else embed_dim
         self.vdim = check_size("vdim", vdim) if vdim is not None else embed_dim
         if self.kdim == self.vdim == embed_dim:  # the parameters and state_dict keys of nn.MultiheadAttention
@@ -184,9 +184,6 @@ class SimulatedMultiheadAttention(nn.Module):
             attn_weights: None unless ``need_weights``; (N, L, S) averaged over heads, or
             (N, num_heads, L, S) when ``average_attn_weights=False`` (batch dim dropped if unbatched).
         """
-        if self.training and self.dropout > 0:
-            raise NotImplementedError(f"dropout {self.dropout} on the attention weights in training mode is not "
-                                      "simulated (U computes the weights inside the encoder); use eval mode")
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention).")
         for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
@@ -215,9 +212,13 @@ class SimulatedMultiheadAttention(nn.Module):
             x, k, v = (torch.cat([t, torch.ones_like(t[..., :1])], dim=-1) for t in (x, k, v))
         wq, wk, wv, wo, bo = (t.to(x.device) for t in self.folded(x.dtype))
         self_attention = query is key and key is value
+        scale = None
+        if self.training and self.dropout > 0:  # as MHA: dropout on the weights, kept ones scaled by 1/(1-p)
+            keep = torch.rand(x.shape[0], self.num_heads, x.shape[1], k.shape[1], device=x.device) >= self.dropout
+            scale = keep.to(x.dtype) / (1 - self.dropout)
         out, weights = self.simulator.attention(x, wq, wk, wv, wo, key=None if self_attention else k,
                                                 value=None if self_attention else v, key_padding_mask=mask,
-                                                attn_mask=scores_mask, bo=bo)
+                                                attn_mask=scores_mask, bo=bo, weight_scale=scale)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)
@@ -263,8 +264,8 @@ def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
 
     A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
     ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` with their default arguments in eval mode
-    (PyTorch's fused fast path steps aside, so the simulator really runs), with attention masks and
-    cross-attention; dropout in training mode raises NotImplementedError when called."""
+    (PyTorch's fused fast path steps aside, so the simulator really runs), with attention masks,
+    cross-attention, and dropout on the attention weights in training mode."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_size("seq_len", seq_len)

@@ -70,6 +70,7 @@ class Pipeline:
         self.scratch: dict = {"null": (1,)}
         self.home = {name: "value" for name in self.inputs}
         self.stages: list = []
+        self.scales: dict = {}  # softmax tag -> the blocks multiplying its weights
 
     def shape(self, block: str) -> tuple:
         for blocks in (self.inputs, self.outputs, self.scratch):
@@ -100,11 +101,13 @@ class Pipeline:
             self.home[p.out] = out
         return out
 
-    def softmax(self, tag: str, blocks: list[str], keep=None) -> str:
+    def softmax(self, tag: str, blocks: list[str], keep=None, scale: list[str] | None = None) -> str:
         """Row-wise softmax of each block (its home slot) into slot ``tag + "p"``; returns the slot.
         Keys are masked by ignore flags (1 = ignored): ``keep`` names one input block of m flags (one
         per column, for every row), or a list of input blocks, one per softmax block and of its
-        shape (one flag per entry)."""
+        shape (one flag per entry). ``scale``: input blocks, one per softmax block, that multiply
+        the weights entry by entry (dropout's mask / (1 - p)); one more layer, the result in
+        ``tag + "pd"``."""
         widths = {self.shape(b)[-1] for b in blocks}
         if len(widths) != 1 or any(len(self.shape(b)) != 2 for b in blocks):
             raise ValueError(f"softmax {tag!r}: blocks must be matrices with one row length, "
@@ -117,10 +120,17 @@ class Pipeline:
                 if self.shape(f) not in ((widths.copy().pop(),), self.shape(blk)):
                     raise ValueError(f"softmax {tag!r}: ignore flags {f!r} {self.shape(f)} fit neither a row nor "
                                      f"block {blk!r} {self.shape(blk)}")
+        if scale is not None:
+            if flags is None or isinstance(keep, str) or len(scale) != len(blocks) or \
+                    any(f not in self.inputs or self.shape(f) != self.shape(b) for f, b in zip(scale, blocks)):
+                raise ValueError(f"softmax {tag!r}: scale {scale} must be input blocks of the softmax blocks' "
+                                 "shapes, beside per-entry ignore flags")
+            self.scales[tag] = list(scale)
         self.stages.append(("softmax", tag, blocks, flags))
+        result = f"{tag}pd" if scale is not None else f"{tag}p"
         for b in blocks:
-            self.home[b] = f"{tag}p"
-        return f"{tag}p"
+            self.home[b] = result
+        return result
 
     # --- building -------------------------------------------------------------------------
     def build(self) -> tuple[Builder, Layout]:
@@ -174,6 +184,12 @@ class Pipeline:
                         kp["row"][span.start: span.stop] = torch.arange(rows).repeat_interleave(cols)
                     kp["col"][span.start: span.stop] = torch.arange(rows * cols) % cols
             addresses.update({f"kp.{a}": v for a, v in kp.items()})
+        if self.scales:  # the weight multiplier each softmax token reads (same entry, its own block)
+            addresses["sc.block"] = torch.full((layout.length,), null, dtype=torch.long)
+            for kind, tag, blocks, _ in self.stages:
+                for blk, f in zip(blocks, self.scales.get(tag, [])) if kind == "softmax" else ():
+                    span = layout.span(blk)
+                    addresses["sc.block"][span.start: span.stop] = index[f]
         for kind, tag, products, _ in self.stages:  # each output's addend (a bias block), else null (0)
             for p in (products if kind == "matmul" else []):
                 if p.addend is not None:
@@ -201,7 +217,7 @@ class Pipeline:
             if kind == "matmul" and block in [p.out for p in items]:
                 home = f"{stage_tag}out"
             if kind == "softmax" and block in items:
-                home = f"{stage_tag}p"
+                home = f"{stage_tag}pd" if stage_tag in self.scales else f"{stage_tag}p"
         if home is None:
             raise ValueError(f"stage {tag!r} reads block {block!r} before any stage computes it")
         return home
@@ -260,7 +276,14 @@ class Pipeline:
         b.layer([Head([row, *kept, maximize(src)], [(src, top)], name=f"{tag}max")], FFN("exp", [Unit(exp_in, e)]))
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
                 FFN("reciprocal", [Unit({mean: float(m)}, r)]))
-        b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
+        if tag not in self.scales:
+            b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
+            return
+        multiplier, dropped = b.slot(f"{tag}scale"), b.slot(f"{tag}pd")
+        fetch = Head([match({"block": "sc.block", "row": "kp.row", "col": "kp.col"})], [("value", multiplier)],
+                     name=f"{tag}scale")
+        b.layer([fetch], FFN("bilinear", [Unit(e, p, gate=r)]))
+        b.layer(ffn=FFN("bilinear", [Unit(p, dropped, gate=multiplier)]))
 
 
 def _coordinates(b: Builder, layout: Layout) -> None:

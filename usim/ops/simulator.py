@@ -24,7 +24,7 @@ is two layers (fetch the two operands and multiply; average the terms and scale 
 three, and the stream width and head count do not grow with n, d or the number of heads. All
 routing between the steps is done by the encoder's own attention layers.
 
-Depth: (A, V) form 9 (13 with ffn_hidden); factored form 11. Activations: bilinear, identity, exp,
+Depth: (A, V) form 9 (13 with ffn_hidden); factored form 12. Activations: bilinear, identity, exp,
 reciprocal (+ relu).
 """
 
@@ -89,13 +89,15 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
 
 def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vdim: int) -> Pipeline:
     """Queries x (n, d); keys xk (m, kdim) and values xv (m, vdim) (the same tensors for
-    self-attention); per head ignore flags (n, m) (1 = the score is left out) and a score bias (n, m)."""
+    self-attention); per head ignore flags (n, m) (1 = the score is left out), a score bias (n, m) and
+    a multiplier of the weights (n, m) (1, or dropout's mask / (1 - p))."""
     proj = ("wq", "wk", "wv")
     sizes = {"wq": d, "wk": kdim, "wv": vdim}
     inputs = {"x": (n, d), "xk": (m, kdim), "xv": (m, vdim),
               **{f"{w}{h}": (sizes[w], r) for w in proj for h in range(heads)},
               **{f"wo{h}": (r, d) for h in range(heads)}, "bo": (d,), "one": (1,),
-              **{f"ignore{h}": (n, m) for h in range(heads)}, **{f"bias{h}": (n, m) for h in range(heads)}}
+              **{f"ignore{h}": (n, m) for h in range(heads)}, **{f"bias{h}": (n, m) for h in range(heads)},
+              **{f"scale{h}": (n, m) for h in range(heads)}}
     weights = {f"s{h}": (n, m) for h in range(heads)}
     pipe = Pipeline(inputs, {"y": (n, d), **weights})
     q, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
@@ -105,7 +107,8 @@ def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vd
                          for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
     pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"), addend=f"bias{h}")
                        for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep=[f"ignore{h}" for h in range(heads)])
+    pipe.softmax("p.", list(weights), keep=[f"ignore{h}" for h in range(heads)],
+                 scale=[f"scale{h}" for h in range(heads)])  # 1, or dropout's mask / (1 - p)
     pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
     pipe.matmul("out.", [Product("y", terms,
@@ -175,24 +178,27 @@ class UniversalSimulator(Construction):
         return self.args.get("head_dim")
 
     def forward(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
-                key=None, value=None, attn_mask=None):
+                key=None, value=None, attn_mask=None, weight_scale=None):
         return self.attention(x, *weights, key_padding_mask=key_padding_mask, w1=w1, w2=w2, residual=residual,
-                              bo=bo, key=key, value=value, attn_mask=attn_mask)[0]
+                              bo=bo, key=key, value=value, attn_mask=attn_mask, weight_scale=weight_scale)[0]
 
     def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
-                  key=None, value=None, attn_mask=None):
+                  key=None, value=None, attn_mask=None, weight_scale=None):
         """(output (..., n, d), attention weights (..., heads, n, m)), both read from the encoder.
 
         Factored form only: ``key`` (..., m, kdim) and ``value`` (..., m, vdim) for cross-attention
         (default: x), ``attn_mask`` (n, m) or (..., heads, n, m), bool (True = left out) or float
         (added to the scores; -inf = left out); a row with every score left out gives NaN, as in
-        nn.MultiheadAttention."""
+        nn.MultiheadAttention. ``weight_scale`` (..., heads, n, m) multiplies the softmax weights
+        entry by entry before they weight the values (dropout: its mask / (1 - p)); the returned
+        weights include it, as nn.MultiheadAttention's do."""
         n, d, heads = self.n, self.d, self.heads
         factored = self.head_dim is not None
-        if not factored and (key is not None or value is not None or attn_mask is not None):
-            raise ValueError("key, value and attn_mask are for the factored form (head_dim)")
+        if not factored and (key is not None or value is not None or attn_mask is not None or
+                             weight_scale is not None):
+            raise ValueError("key, value, attn_mask and weight_scale are for the factored form (head_dim)")
         if factored:
-            return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo)
+            return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale)
         names = ("wq", "wk", "wv", "wo") if factored else ("a", "v")
         if not factored and 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
             extra = dict(zip(("key_padding_mask", "w1", "w2", "residual"), weights[2:]))
@@ -246,7 +252,7 @@ class UniversalSimulator(Construction):
             raise ValueError("w1/w2 given but this U was built without ffn_hidden")
         return arrays
 
-    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo):
+    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale):
         n, d, r = self.n, self.d, self.head_dim
         m, kdim, vdim = self.args["kv_len"], self.args["kdim"], self.args["vdim"]
         key = x if key is None else key
@@ -281,10 +287,17 @@ class UniversalSimulator(Construction):
         if not isinstance(bo, torch.Tensor) or bo.shape[-1:] != (d_in,):
             raise ValueError(f"bo must be a tensor (..., {d_in}), got {tuple(getattr(bo, 'shape', ()))}")
         ignore, bias = self._score_masks(x, key_padding_mask, attn_mask, n_in, m_in)
+        scale = torch.ones(self.heads, n_in, m_in, dtype=x.dtype, device=x.device)
+        if weight_scale is not None:
+            if not isinstance(weight_scale, torch.Tensor) or weight_scale.shape[-3:] != scale.shape:
+                raise ValueError(f"weight_scale must be (..., {self.heads}, {n_in}, {m_in}), "
+                                 f"got {tuple(getattr(weight_scale, 'shape', ()))}")
+            scale = scale * weight_scale.to(x.dtype)
+        scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=1.0)
         arrays = [F.pad(x, (0, d - d_in, 0, n - n_in)), F.pad(key, (0, kdim - k_in, 0, m - m_in)),
                   F.pad(value, (0, vdim - v_in, 0, m - m_in)), *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3),
                   *wo.unbind(-3), F.pad(bo, (0, d - d_in)), torch.ones(1, dtype=x.dtype, device=x.device),
-                  *ignore.unbind(-3), *bias.unbind(-3)]
+                  *ignore.unbind(-3), *bias.unbind(-3), *scale.unbind(-3)]
         out, *probs = self.run(*arrays)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
 
