@@ -58,7 +58,7 @@ def test_describe_an_op_checkpoint():
     op = usim.load(path)
     text = describe_checkpoint(path)
     assert "MatMul (usim.MatMul)" in text and "n=4, m=4, p=4" in text
-    assert re.search(r"format version\s+1", text)
+    assert re.search(rf"format version\s+{usim.checkpoint.FORMAT_VERSION}", text)
     assert re.search(rf"layers\s+{op.depth}, with at most {op.width} attention heads", text)
     first = op.encoder.layers[0]
     heads = first.attn.heads if first.attn is not None else 0

@@ -124,6 +124,51 @@ def test_overflow_raises():
     op = Inverse(2)
     with pytest.raises(ValueError, match="working precision"):
         op(torch.tensor([[1.0, 1e30], [0.0, 1e-10]]))  # the inverse holds -1e40: overflows float32
+    with pytest.raises(ValueError, match="singular to working precision: a pivot of the elimination or the inverse"):
+        op(torch.tensor([[3e38, 3e38], [-3e38, 3e38]]))  # the second pivot overflows: 3e38 + 3e38
+
+
+SCALES = [1e-12, 1e-6, 1.0, 1e6, 1e12]
+
+
+@pytest.mark.parametrize("n", [3, 8, 16])
+def test_scaled_float32_vs_torch(seed, n):
+    """Well-conditioned matrices scaled by 1e-12 .. 1e12 (their determinants overflow or underflow
+    float32 at n = 8, 16): within 10x of torch's error at every scale, every slot finite."""
+    op = Inverse(n)
+    kinds = ("shift", "orth")
+    a = torch.cat([well_conditioned(kind, 2, n, torch.float64, scale) for scale in SCALES for kind in kinds])
+    a = a.float()
+    if n < 16:  # the whole final stream (every slot at every position) finite
+        ours, stream = final_stream(op, a)
+        assert torch.isfinite(stream).all(), seed
+    else:
+        ours = op(a)
+    ref, theirs = torch.linalg.inv(a.double()), torch.linalg.inv(a)
+    for i in range(0, len(a), 2):  # per scale and kind
+        err = (ours[i:i + 2].double() - ref[i:i + 2]).abs().max().item()
+        torch_err = (theirs[i:i + 2].double() - ref[i:i + 2]).abs().max().item()
+        eps = torch.finfo(torch.float32).eps * ref[i:i + 2].abs().max().item()
+        assert err <= K * torch_err + eps, (seed, n, SCALES[i // 4], err, torch_err)
+
+
+@pytest.mark.parametrize("n", [3, 8, 16])
+def test_scaled_float64_vs_exact(seed, n):
+    op = Inverse(n)
+    a = torch.cat([well_conditioned("shift", 1, n, torch.float64, scale) for scale in (1e-12, 1e12)])
+    for m in a:
+        err, torch_err = exact_error(op(m[None]), m[None]), exact_error(torch.linalg.inv(m[None]), m[None])
+        assert err <= K * torch_err + 1e-300, (seed, n, err, torch_err)
+
+
+def test_determinant_overflow_is_not_singular(seed):
+    """The determinant of 7e12 I overflows float32 (3.4e38): the inverse is still 1/7e12 I."""
+    a = torch.eye(3) * 7e12
+    assert torch.equal(Inverse(3)(a), torch.linalg.inv(a))
+    a = torch.randn(16, 16) * 100  # determinants around 1e37 .. 1e40
+    ours, ref = Inverse(16)(a), torch.linalg.inv(a.double())
+    bound = 20 * 16 * torch.linalg.cond(a.double()).item() * torch.finfo(torch.float32).eps
+    assert ((ours.double() - ref).abs().max() <= bound * ref.abs().max()).item(), seed
 
 
 def test_checkpoint_round_trip(seed, tmp_path):
@@ -187,6 +232,16 @@ def test_bad_input():
         op(torch.eye(3, dtype=torch.int64))
     with pytest.raises(ValueError, match="NaN"):
         op(torch.full((3, 3), float("nan")))
+    with pytest.raises(TypeError, match=r"block 'a' must be a torch.Tensor, got list"):
+        op([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]])
+    with pytest.raises(TypeError, match="block 'a' must be a torch.Tensor, got numpy.ndarray"):
+        op(torch.eye(3).numpy())
+    with pytest.raises(ValueError, match="block 'a' must be a tensor with values, got one on the meta device"):
+        op(torch.empty(3, 3, device="meta"))
+    with pytest.raises(ValueError, match="a must be a tensor with values"):
+        op.check_matrices(a=torch.empty(3, 3, device="meta"))
+    with pytest.raises(TypeError, match="a must be a torch.Tensor, got numpy.ndarray"):
+        op.check_matrices(a=torch.eye(3).numpy())
     with pytest.raises(ValueError, match=">= 1"):
         Inverse(0)
     with pytest.raises(TypeError, match="int"):

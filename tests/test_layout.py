@@ -63,3 +63,36 @@ def test_serialisation_round_trip():
     assert Layout.from_dict(layout.to_dict()) == layout
     with pytest.raises(ValueError, match="malformed"):
         Layout.from_dict([{"name": "x"}])
+
+
+def test_inputs_that_are_not_tensors():
+    """Lists, numpy arrays, meta and sparse tensors: TypeError / ValueError naming the block."""
+    import numpy as np
+
+    layout = Layout.of(inputs={"x": (2, 3)}, outputs={"y": (3, 2)})
+    with pytest.raises(TypeError, match=r"block 'x' must be a torch.Tensor, got list \(convert it with torch.as_tensor\)"):
+        layout.batch_shape([[0.0] * 3] * 2)
+    with pytest.raises(TypeError, match="block 'x' must be a torch.Tensor, got numpy.ndarray"):
+        layout.pack(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="block 'x' must be a tensor with values, got one on the meta device"):
+        layout.batch_shape(torch.empty(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="block 'x' must be a dense"):
+        layout.batch_shape(torch.zeros(2, 3).to_sparse())
+
+
+@pytest.mark.parametrize("data", [None, 3, "x", {}, [], [None], [[1, 2]], [{"name": "x"}],
+                                  [{"name": "x", "shape": [2], "role": "input", "extra": 1}],
+                                  [{"name": 3, "shape": [2], "role": "input"}],
+                                  [{"name": "x", "shape": 2, "role": "input"}],
+                                  [{"name": "x", "shape": [], "role": "input"}],
+                                  [{"name": "x", "shape": [2.0], "role": "input"}],
+                                  [{"name": "x", "shape": [True], "role": "input"}],
+                                  [{"name": "x", "shape": [0], "role": "input"}],
+                                  [{"name": "x", "shape": [10 ** 30], "role": "input"}],
+                                  [{"name": "x", "shape": [2 ** 21, 2 ** 21], "role": "input"}],
+                                  [{"name": "x", "shape": [2], "role": "nope"}],
+                                  [{"name": "x", "shape": [2], "role": None}],
+                                  [{"name": "x", "shape": [2], "role": "input"}] * 2])
+def test_from_dict_rejects_malformed(data):
+    with pytest.raises(ValueError, match="layout metadata is malformed"):
+        Layout.from_dict(data)

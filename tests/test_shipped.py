@@ -9,6 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import usim
+from usim.checkpoint import FORMAT_VERSION, checkpoint_tensors
 from usim.export import shipped
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -23,13 +24,13 @@ def test_equals_fresh_construction(stem):
     path = ROOT / f"{stem}.safetensors"
     fresh = shipped()[stem]()
     tensors = load_file(str(path))
-    expected = {"pos_table": fresh.encoder.pos_table, "readout": fresh.encoder.readout}
-    expected.update({k: v for k, v in fresh.encoder.state_dict().items() if k.startswith("layers.")})
+    expected = checkpoint_tensors(fresh.encoder)
     assert sorted(tensors) == sorted(expected)
     for name, t in expected.items():
         assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
+    assert meta["usim.format"] == FORMAT_VERSION
     assert json.loads(meta["usim.module"]) == {"kind": fresh.kind, "args": fresh.args}
     assert json.loads(meta["usim.slots"]) == fresh.encoder.slots
 

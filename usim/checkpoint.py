@@ -1,27 +1,94 @@
 """safetensors checkpoints: every weight and table as a tensor, everything else as JSON metadata.
 
-Metadata keys: ``usim.format`` (version), ``usim.module`` (kind and constructor arguments),
-``usim.layout`` (blocks), ``usim.slots`` (stream slot names in order), ``usim.layers``
-(per-layer specs: heads, tiers, activation, hidden size, slots read and written). No pickle.
+Format "2". Tensors: ``positional`` (P, L) int32 (the positional table as ``usim.Encoder`` keeps
+it: one row per positional slot, for the slots it sets; float64 only for a bare encoder whose
+table holds non-integers), ``positional_slots`` (P,) int64 (the slot of each row), ``readout`` (L,) int64, and per layer
+``layers.{i}.attn.{query,key,value,output}`` and ``layers.{i}.ffn.{w_in,b_in,w_out,b_out}``, float64.
+Metadata: ``usim.format`` ("2"), ``usim.module`` (kind and constructor arguments), ``usim.layout``
+(blocks), ``usim.slots`` (stream slot names in order), ``usim.layers`` (per-layer specs: heads,
+tiers, activation, hidden size, slots read and written) and ``usim.digest``: SHA-256 over every
+tensor (name, dtype, shape and bytes, in sorted name order) and every other metadata entry. No
+pickle.
+
+Loading checks, in order, and raises ValueError saying what is wrong: the file parses; every
+metadata entry is JSON of the right shape and types (naming the key); the tensors are exactly
+those the metadata describes, with its shapes, the right dtypes, finite values and indexes in
+range; the per-layer specs agree with the weights (all of this also with ``verify=False``); then,
+unless ``verify=False``: the digest matches, and for a registered construction small enough to rebuild cheaply (``CHEAP_REBUILD``), a
+fresh construction from the recorded arguments equals the file bitwise (so a file edited and
+digested again still cannot pass for the construction it names). ``verify=False`` is for files
+whose weights were edited on purpose. Format "1" files (a dense ``pos_table``, no digest) still
+load: converted to the compact table, verified against a fresh construction, or with
+``verify=False``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
+import math
 import os
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from usim.activations import ACTIVATIONS
 from usim.engine import FFN, Encoder, EncoderLayer, HardAttention
 from usim.layout import Layout
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")
+REGENERATE = "python -m usim export checkpoints/"
+# A registered construction is rebuilt and compared on load when L x W is at most this.
+CHEAP_REBUILD = 1 << 22
+DIGEST = "usim.digest"
+META_KEYS = ("usim.module", "usim.layout", "usim.slots", "usim.layers")
+ATTN = ("query", "key", "value", "output")
+FFN_TENSORS = ("w_in", "b_in", "w_out", "b_out")
+SPEC_KEYS = {"heads", "tiers", "d_k", "d_v", "activation", "hidden", "reads", "writes"}
+# Bounds on sizes read from metadata (before any tensor is trusted).
+MAX_SIZE = 1 << 40
+MAX_ARG_DEPTH = 4
+
+
+# --- saving ------------------------------------------------------------------------------------
+def checkpoint_tensors(encoder: Encoder) -> dict:
+    """The tensors a format-2 checkpoint holds for an encoder, by name (CPU, contiguous)."""
+    positional = encoder.positional.detach()
+    if positional.dtype != torch.int32:
+        positional = positional.double()
+    tensors = {"positional": positional, "positional_slots": encoder.positional_slots.detach().long(),
+               "readout": encoder.readout.detach().long()}
+    for i, layer in enumerate(encoder.layers):
+        if layer.attn is not None:
+            for name in ATTN:
+                tensors[f"layers.{i}.attn.{name}"] = getattr(layer.attn, name).detach().double()
+        if layer.ffn is not None:
+            for name in FFN_TENSORS:
+                tensors[f"layers.{i}.ffn.{name}"] = getattr(layer.ffn, name).detach().double()
+    return {k: v.cpu().contiguous() for k, v in tensors.items()}
+
+
+def digest(tensors: dict, metadata: dict) -> str:
+    """"sha256:<hex>" over the tensors (sorted by name: name, dtype, shape, bytes) and the metadata
+    entries other than the digest itself (sorted by key)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        head = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape), len(data)])
+        h.update(len(head).to_bytes(8, "little") + head.encode())
+        h.update(data)
+    for key in sorted(k for k in metadata if k != DIGEST):
+        entry = json.dumps([key, metadata[key]])
+        h.update(len(entry).to_bytes(8, "little") + entry.encode())
+    return "sha256:" + h.hexdigest()
 
 
 def save(module, path) -> None:
-    """Write a construction (or a bare ``usim.Encoder`` with a layout attribute) to ``path``."""
+    """Write a construction (or a bare ``usim.Encoder``, with its ``layout`` attribute if set) to ``path``."""
     from usim.ops.base import Construction, layer_specs
 
     if isinstance(module, Construction):
@@ -32,26 +99,24 @@ def save(module, path) -> None:
             layout = Layout.from_dict([{"name": "seq", "shape": [module.length], "role": "input"}])
     else:
         raise TypeError(f"cannot save a {type(module).__name__}: expected a usim construction or Encoder")
-    tensors = {"pos_table": encoder.pos_table, "readout": encoder.readout}
-    for i, layer in enumerate(encoder.layers):
-        if layer.attn is not None:
-            for name in ("query", "key", "value", "output"):
-                tensors[f"layers.{i}.attn.{name}"] = getattr(layer.attn, name)
-        if layer.ffn is not None:
-            for name in ("w_in", "b_in", "w_out", "b_out"):
-                tensors[f"layers.{i}.ffn.{name}"] = getattr(layer.ffn, name)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    tensors = checkpoint_tensors(encoder)
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"cannot save: tensor {name!r} holds NaN or infinite values")
     metadata = {
         "usim.format": FORMAT_VERSION,
-        "usim.module": json.dumps({"kind": kind, "args": args}),
+        "usim.module": json.dumps({"kind": kind, "args": args}, allow_nan=False),
         "usim.layout": json.dumps(layout.to_dict()),
         "usim.slots": json.dumps(encoder.slots),
         "usim.layers": json.dumps(layer_specs(encoder)),
     }
+    metadata[DIGEST] = digest(tensors, metadata)
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
+# --- reading and validating ----------------------------------------------------------------------
 def _read(path):
+    """(metadata, tensors) of a safetensors file; ValueError for anything unreadable."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -59,90 +124,333 @@ def _read(path):
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or damaged?): {e}") from None
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError(f"{path}: the safetensors metadata is not a map of strings")
     if "usim.format" not in metadata:
         raise ValueError(f"{path} is a safetensors file without usim metadata")
-    if metadata["usim.format"] != FORMAT_VERSION:
-        raise ValueError(f"{path}: unknown usim format version {metadata['usim.format']!r} "
-                         f"(this usim reads {FORMAT_VERSION!r})")
+    version = metadata["usim.format"]
+    if version not in READABLE_FORMATS:
+        raise ValueError(f"{path}: unknown usim format version {_short(version)} "
+                         f"(this usim reads {', '.join(map(repr, READABLE_FORMATS))})")
+    return metadata, tensors
+
+
+def _short(value, limit: int = 60) -> str:
+    """A bounded description of a JSON value for messages (never recursing into it)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'} of {len(value)} items"
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) or value.bit_length() < 200 \
+        else f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json(metadata: dict, key: str, path: str):
+    if key not in metadata:
+        raise ValueError(f"{path}: usim metadata lacks {key!r}")
     try:
-        meta = {k: json.loads(metadata[k]) for k in ("usim.module", "usim.layout", "usim.slots", "usim.layers")}
-    except KeyError as e:
-        raise ValueError(f"{path}: usim metadata lacks {e.args[0]!r}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: usim metadata is not valid JSON: {e}") from None
-    return meta, tensors
+        return json.loads(metadata[key], parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"{path}: usim metadata {key!r} is nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, NaN / Infinity, integers too long to convert
+        raise ValueError(f"{path}: usim metadata {key!r} is not valid JSON: {e}") from None
 
 
-def _tensor(tensors, name, shape, path):
+def _int(value, where: str, minimum: int = 0, maximum: int = MAX_SIZE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{where} must be an integer, got {_short(value)}")
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{where} must be in {minimum}..{maximum}, got {_short(value)}")
+    return value
+
+
+def _list(value, where: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{where} must be a JSON array, got {_short(value)}")
+    return value
+
+
+def _check_args(args, path: str) -> dict:
+    """Constructor arguments: an object of names to numbers, strings, booleans, null or short
+    arrays of those (at most MAX_ARG_DEPTH levels), walked without recursion."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{path}: usim.module 'args' must be a JSON object, got {_short(args)}")
+    stack = [(f"args[{k!r}]", v, 1) for k, v in args.items()]
+    while stack:
+        where, value, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{path}: usim.module {where} is not finite")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_SIZE:
+            raise ValueError(f"{path}: usim.module {where} is out of range: {_short(value)}")
+        if isinstance(value, list):
+            if depth >= MAX_ARG_DEPTH:
+                raise ValueError(f"{path}: usim.module {where} is nested too deeply")
+            stack += [(f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            raise ValueError(f"{path}: usim.module {where} must not be a JSON object")
+        elif value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"{path}: usim.module {where} has an unsupported type")
+    return args
+
+
+def _ints_in(args: dict):
+    stack = list(args.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack += value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            yield value
+
+
+def _parse(metadata: dict, path: str) -> dict:
+    """The usim metadata, type-checked (ValueError naming the key otherwise)."""
+    meta = {key: _json(metadata, key, path) for key in META_KEYS}
+    module = meta["usim.module"]
+    if not isinstance(module, dict):
+        raise ValueError(f"{path}: usim.module must be a JSON object with 'kind' and 'args', got {_short(module)}")
+    for key in ("kind", "args"):
+        if key not in module:
+            raise ValueError(f"{path}: usim.module lacks {key!r}")
+    extra = sorted(set(module) - {"kind", "args"})
+    if extra:
+        raise ValueError(f"{path}: usim.module has unknown keys {[_short(k) for k in extra[:5]]}")
+    kind = module["kind"]
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"{path}: usim.module 'kind' must be a non-empty string, got {_short(kind)}")
+    args = _check_args(module["args"], path)
+    try:
+        layout = Layout.from_dict(meta["usim.layout"])
+    except ValueError as e:
+        raise ValueError(f"{path}: usim.layout: {e}") from None
+    slots = _list(meta["usim.slots"], f"{path}: usim.slots")
+    for i, s in enumerate(slots):
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"{path}: usim.slots[{i}] must be a non-empty string, got {_short(s)}")
+    if len(set(slots)) != len(slots):
+        raise ValueError(f"{path}: usim.slots names a slot twice")
+    if "value" not in slots:
+        raise ValueError(f"{path}: usim.slots lacks the 'value' slot")
+    names = set(slots)
+    specs = _list(meta["usim.layers"], f"{path}: usim.layers")
+    for i, spec in enumerate(specs):
+        where = f"{path}: usim.layers[{i}]"
+        if not isinstance(spec, dict):
+            raise ValueError(f"{where} must be a JSON object, got {_short(spec)}")
+        unknown = sorted(set(spec) - SPEC_KEYS)
+        if unknown:
+            raise ValueError(f"{where} has unknown keys {[_short(k) for k in unknown[:5]]}")
+        for key in ("heads", "tiers", "activation", "hidden", "reads", "writes"):
+            if key not in spec:
+                raise ValueError(f"{where} lacks {key!r}")
+        heads = _int(spec["heads"], f"{where} 'heads'")
+        tiers = _int(spec["tiers"], f"{where} 'tiers'")
+        if heads:
+            if tiers < 1:
+                raise ValueError(f"{where} 'tiers' must be >= 1 for a layer with heads")
+            for key in ("d_k", "d_v"):
+                if key not in spec:
+                    raise ValueError(f"{where} lacks {key!r}")
+                _int(spec[key], f"{where} {key!r}", minimum=1)
+        elif tiers or "d_k" in spec or "d_v" in spec:
+            raise ValueError(f"{where} describes attention ('tiers', 'd_k', 'd_v') without heads")
+        activation = spec["activation"]
+        hidden = _int(spec["hidden"], f"{where} 'hidden'")
+        if activation is None:
+            if hidden:
+                raise ValueError(f"{where} 'hidden' must be 0 without an activation")
+        elif not isinstance(activation, str) or activation not in ACTIVATIONS:
+            raise ValueError(f"{where} 'activation' must be null or one of {ACTIVATIONS}, got {_short(activation)}")
+        for key in ("reads", "writes"):
+            for j, s in enumerate(_list(spec[key], f"{where} {key!r}")):
+                if not isinstance(s, str) or s not in names:
+                    raise ValueError(f"{where} {key!r}[{j}] is not a slot name: {_short(s)}")
+    return {"format": metadata["usim.format"], "kind": kind, "args": args, "layout": layout,
+            "slots": slots, "specs": specs}
+
+
+def _tensor(tensors, name, shape, dtypes, path):
     if name not in tensors:
         raise ValueError(f"{path}: tensor {name!r} is missing")
     t = tensors[name]
+    if t.dtype not in dtypes:
+        raise ValueError(f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, expected "
+                         f"{' or '.join(str(d).removeprefix('torch.') for d in dtypes)}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, metadata says {tuple(shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
     return t
 
 
-def load_encoder(path):
-    """(Encoder, Layout, kind, args) from a checkpoint, checking every shape against the metadata."""
-    meta, tensors = _read(path)
-    layout = Layout.from_dict(meta["usim.layout"])
-    slots = meta["usim.slots"]
+def _index(t: torch.Tensor, name: str, width: int, path: str) -> None:
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= width):
+        raise ValueError(f"{path}: tensor {name!r} indexes slots outside 0..{width - 1}")
+
+
+def _build(parsed: dict, tensors: dict, path: str) -> Encoder:
+    """The encoder the metadata and tensors describe, every tensor checked against the metadata."""
+    from usim.ops.base import layer_specs
+
+    layout, slots, specs = parsed["layout"], parsed["slots"], parsed["specs"]
     length, width = layout.length, len(slots)
-    pos_table = _tensor(tensors, "pos_table", (length, width), path)
-    readout = _tensor(tensors, "readout", (length,), path)
-    if readout.numel() and (readout.min() < 0 or readout.max() >= width):
-        raise ValueError(f"{path}: readout indexes slots outside 0..{width - 1}")
+    f64 = (torch.float64,)
+    expected = {"readout"}
+    readout = _tensor(tensors, "readout", (length,), (torch.int64,), path)
+    _index(readout, "readout", width, path)
+    if parsed["format"] == "1":
+        positional = _tensor(tensors, "pos_table", (length, width), f64, path)
+        expected.add("pos_table")
+    else:
+        values = _tensor(tensors, "positional", None, (torch.int32, torch.float64), path)
+        if values.dim() != 2 or values.shape[1] != length:
+            raise ValueError(f"{path}: tensor 'positional' has shape {tuple(values.shape)}, expected (P, {length})")
+        columns = _tensor(tensors, "positional_slots", (values.shape[0],), (torch.int64,), path)
+        _index(columns, "positional_slots", width, path)
+        if len(set(columns.tolist())) != len(columns):
+            raise ValueError(f"{path}: tensor 'positional_slots' names a slot twice")
+        if values.is_floating_point() and bool((values == values.round()).all()) and bool((values.abs() < 2 ** 31).all()):
+            raise ValueError(f"{path}: tensor 'positional' holds integers as float64 (usim writes them as int32)")
+        positional = (values, columns)
+        expected |= {"positional", "positional_slots"}
     layers = []
-    for i, spec in enumerate(meta["usim.layers"]):
+    for i, spec in enumerate(specs):
         attn = ffn = None
-        try:
-            if spec["heads"]:
-                h, t, dk, dv = spec["heads"], spec["tiers"], spec["d_k"], spec["d_v"]
-                attn = HardAttention(
-                    _tensor(tensors, f"layers.{i}.attn.query", (h, t, dk, width), path),
-                    _tensor(tensors, f"layers.{i}.attn.key", (h, t, dk, width), path),
-                    _tensor(tensors, f"layers.{i}.attn.value", (h, dv, width), path),
-                    _tensor(tensors, f"layers.{i}.attn.output", (h, width, dv), path),
-                )
-            if spec["activation"]:
-                hidden, act = spec["hidden"], spec["activation"]
-                rows = 2 * hidden if act == "bilinear" else hidden
-                ffn = FFN(
-                    act,
-                    _tensor(tensors, f"layers.{i}.ffn.w_in", (rows, width), path),
-                    _tensor(tensors, f"layers.{i}.ffn.b_in", (rows,), path),
-                    _tensor(tensors, f"layers.{i}.ffn.w_out", (width, hidden), path),
-                    _tensor(tensors, f"layers.{i}.ffn.b_out", (width,), path),
-                )
-        except KeyError as e:
-            raise ValueError(f"{path}: layer {i} spec lacks {e.args[0]!r}") from None
+        if spec["heads"]:
+            h, t, dk, dv = spec["heads"], spec["tiers"], spec["d_k"], spec["d_v"]
+            names = [f"layers.{i}.attn.{n}" for n in ATTN]
+            shapes = [(h, t, dk, width), (h, t, dk, width), (h, dv, width), (h, width, dv)]
+            attn = HardAttention(*[_tensor(tensors, n, s, f64, path) for n, s in zip(names, shapes)])
+            expected |= set(names)
+        if spec["activation"] is not None:
+            hidden, act = spec["hidden"], spec["activation"]
+            rows = 2 * hidden if act == "bilinear" else hidden
+            names = [f"layers.{i}.ffn.{n}" for n in FFN_TENSORS]
+            shapes = [(rows, width), (rows,), (width, hidden), (width,)]
+            ffn = FFN(act, *[_tensor(tensors, n, s, f64, path) for n, s in zip(names, shapes)])
+            expected |= set(names)
         layers.append(EncoderLayer(attn, ffn))
-    expected = {"pos_table", "readout"}
-    for i, layer in enumerate(layers):
-        if layer.attn is not None:
-            expected |= {f"layers.{i}.attn.{n}" for n in ("query", "key", "value", "output")}
-        if layer.ffn is not None:
-            expected |= {f"layers.{i}.ffn.{n}" for n in ("w_in", "b_in", "w_out", "b_out")}
     extra = sorted(set(tensors) - expected)
     if extra:
-        raise ValueError(f"{path}: tensors not described by the metadata: {extra}")
-    encoder = Encoder(slots, pos_table, readout, layers)
+        raise ValueError(f"{path}: tensors not described by the metadata: {extra[:10]}")
+    try:
+        encoder = Encoder(slots, positional, readout, layers)
+    except (ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise ValueError(f"{path}: the tensors do not form an encoder: {e}") from None
+    actual = layer_specs(encoder)
+    for i, (said, found) in enumerate(zip(specs, actual)):
+        if said != found:
+            keys = sorted(k for k in set(said) | set(found) if said.get(k) != found.get(k))
+            raise ValueError(f"{path}: usim.layers[{i}] disagrees with the weights on {keys}")
     encoder.layout = layout
-    module = meta["usim.module"]
-    return encoder, layout, module.get("kind", "Encoder"), module.get("args", {})
+    return encoder
 
 
-def load(path, execution: str = "fast"):
-    """Rebuild the saved construction from the file alone (no constructor is re-run); execution
-    is "fast" or "dense" (see ``usim.Encoder.execution``)."""
+def _verify_digest(metadata: dict, tensors: dict, path: str) -> None:
+    stored = metadata.get(DIGEST)
+    if stored is None:
+        raise ValueError(f"{path}: usim metadata lacks {DIGEST!r} (pass verify=False to load it unverified)")
+    computed = digest(tensors, metadata)
+    if stored != computed:
+        raise ValueError(f"{path}: the file was altered or damaged: its digest is {_short(stored, 80)}, its "
+                         f"tensors and metadata give {computed} (pass verify=False to load edited weights)")
+
+
+def _cheap(parsed: dict, encoder: Encoder) -> bool:
+    """Whether a fresh construction is cheap to build: a small encoder, and no integer argument
+    larger than the file's token count (the sizes of every construction are below it)."""
+    if encoder.length * encoder.stream_width > CHEAP_REBUILD:
+        return False
+    return all(abs(v) <= max(encoder.length, 16) for v in _ints_in(parsed["args"]))
+
+
+def _verify_fresh(parsed: dict, encoder: Encoder, path: str) -> None:
+    """Build the named construction from its recorded arguments and compare it bitwise."""
+    from usim.ops.base import REGISTRY, layer_specs
+
+    kind, args = parsed["kind"], parsed["args"]
+    title = f"{kind}({', '.join(f'{k}={_short(v)}' for k, v in args.items())})"
+    try:
+        fresh = REGISTRY[kind](**args)
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as e:
+        raise ValueError(f"{path}: usim.module: {title} cannot be built from the recorded arguments: {e}") from None
+    where = f"{path}: differs from a fresh {title}"
+    if fresh.args != args:
+        raise ValueError(f"{where}: usim.module args should read {_short(json.dumps(fresh.args), 200)}")
+    if fresh.layout != parsed["layout"]:
+        raise ValueError(f"{where}: usim.layout is {parsed['layout']}, the construction's is {fresh.layout}")
+    if fresh.encoder.slots != parsed["slots"]:
+        diff = [i for i, (a, b) in enumerate(zip(fresh.encoder.slots, parsed["slots"])) if a != b]
+        raise ValueError(f"{where}: usim.slots differ" + (f" from position {diff[0]}" if diff else " in length"))
+    if layer_specs(fresh.encoder) != parsed["specs"]:
+        i = next((i for i, (a, b) in enumerate(zip(layer_specs(fresh.encoder), parsed["specs"])) if a != b),
+                 min(len(parsed["specs"]), fresh.encoder.depth))
+        raise ValueError(f"{where}: usim.layers differ at layer {i} (heads, tiers, activation or slots)")
+    ours, theirs = checkpoint_tensors(encoder), checkpoint_tensors(fresh.encoder)
+    if parsed["format"] == "1":  # compare the dense tables (the compact columns may be ordered otherwise)
+        ours = {k: v for k, v in ours.items() if not k.startswith("positional")}
+        theirs = {k: v for k, v in theirs.items() if not k.startswith("positional")}
+        if not torch.equal(encoder.pos_table, fresh.encoder.pos_table):
+            raise ValueError(f"{where}: tensor 'pos_table' differs")
+    for name in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(name), theirs.get(name)
+        if a is None or b is None or a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            raise ValueError(f"{where}: tensor {name!r} differs")
+
+
+def _load(path, verify: bool, known_kind: bool):
     from usim.ops.base import REGISTRY
 
-    encoder, layout, kind, args = load_encoder(path)
+    path = os.fspath(path)
+    metadata, tensors = _read(path)
+    parsed = _parse(metadata, path)
+    kind = parsed["kind"]
+    if known_kind and kind != "Encoder" and kind not in REGISTRY:
+        raise ValueError(f"{path}: unknown module kind {_short(kind)} (known: {sorted(REGISTRY)})")
+    encoder = _build(parsed, tensors, path)
+    if parsed["format"] == "2" and verify:
+        _verify_digest(metadata, tensors, path)
+    if verify:
+        fresh = kind in REGISTRY and _cheap(parsed, encoder)
+        if parsed["format"] == "1" and not fresh:
+            raise ValueError(f"{path}: a format 1 checkpoint has no digest and this one cannot be checked "
+                             f"against a fresh construction: regenerate it (`{REGENERATE}` for the shipped "
+                             f"ones, or usim.save) or load it with verify=False")
+        if fresh:
+            _verify_fresh(parsed, encoder, path)
+    return encoder, parsed["layout"], kind, parsed["args"]
+
+
+def load_encoder(path, *, verify: bool = True):
+    """(Encoder, Layout, kind, args) from a checkpoint, every tensor checked against the metadata,
+    and, unless verify=False, the digest and (for a registered construction that is cheap to
+    build) a fresh construction compared bitwise. ValueError says what differs. A kind this usim
+    does not know still loads (as the bare encoder it is)."""
+    return _load(path, verify, known_kind=False)
+
+
+def load(path, execution: str = "fast", *, verify: bool = True):
+    """Rebuild the saved construction from the file (verified as ``load_encoder`` says); execution
+    is "fast" or "dense" (see ``usim.Encoder.execution``). ValueError for an unknown kind."""
+    from usim.ops.base import REGISTRY
+
+    encoder, layout, kind, args = _load(path, verify, known_kind=True)
     encoder.execution = execution
     if kind == "Encoder":
         return encoder
-    if kind not in REGISTRY:
-        raise ValueError(f"{path}: unknown module kind {kind!r} (known: {sorted(REGISTRY)})")
     return REGISTRY[kind].from_parts(encoder, layout, args, execution)
+
+
+def _encoder_load(cls, path, *, verify: bool = True) -> Encoder:
+    """Any usim checkpoint as a bare encoder (digest checked unless verify=False)."""
+    return load_encoder(path, verify=verify)[0]
+
+
+# ``usim.Encoder.load`` takes ``verify`` too; engine.py's own ``load`` gets it where it lacks it.
+if "verify" not in inspect.signature(Encoder.load).parameters:
+    Encoder.load = classmethod(_encoder_load)

@@ -124,8 +124,9 @@ class Layout:
             raise ValueError(f"expected {len(blocks)} arrays ({[b.name for b in blocks]}), got {len(arrays)}")
         batch_shapes = []
         for b, a in zip(blocks, arrays):
-            if not isinstance(a, torch.Tensor):
-                raise TypeError(f"block {b.name!r}: expected a torch.Tensor, got {type(a).__name__}")
+            problem = tensor_problem(a)
+            if problem is not None:
+                raise (TypeError if not isinstance(a, torch.Tensor) else ValueError)(f"block {b.name!r} must be {problem}")
             if a.dtype not in (torch.float32, torch.float64):
                 raise ValueError(f"block {b.name!r}: dtype must be float32 or float64, got {a.dtype}")
             nd = len(b.shape)
@@ -163,10 +164,68 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: list) -> "Layout":
+        """The inverse of ``to_dict``; ValueError ("layout metadata is malformed: ...", naming the
+        block and key) for anything else: a JSON value of the wrong type, a missing or unknown key,
+        an axis that is not an integer >= 1, a layout of more than 2^40 tokens, an unknown role."""
+        def bad(why: str):
+            return ValueError(f"layout metadata is malformed: {why}")
+
+        if not isinstance(data, (list, tuple)) or not data:
+            raise bad(f"expected a non-empty list of blocks, got {_kind(data)}")
+        blocks, total = [], 0
+        for i, d in enumerate(data):
+            if not isinstance(d, dict):
+                raise bad(f"block {i} must be an object with name, shape and role, got {_kind(d)}")
+            for key in ("name", "shape", "role"):
+                if key not in d:
+                    raise bad(f"block {i} lacks {key!r}")
+            if set(d) - {"name", "shape", "role"}:
+                raise bad(f"block {i} has unknown keys {sorted(str(k)[:20] for k in set(d) - {'name', 'shape', 'role'})[:5]}")
+            name, shape, role = d["name"], d["shape"], d["role"]
+            if not isinstance(name, str) or not name:
+                raise bad(f"block {i} 'name' must be a non-empty string, got {_kind(name)}")
+            if not isinstance(shape, (list, tuple)) or not shape or len(shape) > 32:
+                raise bad(f"block {name!r} 'shape' must be a list of 1 to 32 axes, got {_kind(shape)}")
+            for s in shape:
+                if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= MAX_TOKENS:
+                    raise bad(f"block {name!r} 'shape' axes must be integers in 1..{MAX_TOKENS}, got {_kind(s)}")
+            if not isinstance(role, str) or role not in ROLES:
+                raise bad(f"block {name!r} 'role' must be one of {ROLES}, got {_kind(role)}")
+            total += math.prod(shape)
+            if total > MAX_TOKENS:
+                raise bad(f"more than {MAX_TOKENS} tokens")
+            blocks.append(Block(name, tuple(shape), role))
         try:
-            return cls([Block(d["name"], tuple(d["shape"]), d["role"]) for d in data])
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"layout metadata is malformed: {e}") from None
+            return cls(blocks)
+        except ValueError as e:
+            raise bad(str(e)) from None
+
+
+MAX_TOKENS = 1 << 40  # the most tokens a layout read from metadata may have
+
+
+def tensor_problem(a) -> str | None:
+    """Why a value cannot be an input tensor, as the end of "x must be ...": not a torch.Tensor (a
+    list, a numpy array, ...), a meta tensor (no values), a sparse layout; None if it can be."""
+    if not isinstance(a, torch.Tensor):
+        module = type(a).__module__.split(".")[0]
+        name = type(a).__name__ if module == "builtins" else f"{module}.{type(a).__name__}"
+        hint = " (convert it with torch.as_tensor)" if hasattr(a, "__array__") or isinstance(a, (list, tuple)) else ""
+        return f"a torch.Tensor, got {name}{hint}"
+    if a.device.type == "meta":
+        return "a tensor with values, got one on the meta device"
+    if a.layout != torch.strided:
+        return f"a dense (strided) tensor, got layout {a.layout}"
+    return None
+
+
+def _kind(value) -> str:
+    """A short description of a value from metadata (never a long or deeply nested repr)."""
+    if isinstance(value, (list, tuple, dict)):
+        return f"{type(value).__name__} of {len(value)} items"
+    text = repr(value) if not isinstance(value, int) or isinstance(value, bool) or value.bit_length() < 200 \
+        else f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 def _broadcast(shapes) -> torch.Size:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from usim.engine import Encoder
-from usim.layout import Layout
+from usim.layout import Layout, tensor_problem
 
 # kind name -> class, filled by ``register``; used by usim.load.
 REGISTRY: dict[str, type] = {}
@@ -85,8 +85,9 @@ class Construction(nn.Module):
         the same name (TypeError / ValueError naming the argument and the shapes otherwise)."""
         for name, t in tensors.items():
             shape = self.layout[name].shape
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            problem = tensor_problem(t)
+            if problem is not None:
+                raise (TypeError if not isinstance(t, torch.Tensor) else ValueError)(f"{name} must be {problem}")
             if t.dim() < 2 or tuple(t.shape[-2:]) != shape:
                 raise ValueError(f"this {self.title} needs {name}: expected shape (..., {shape[0]}, {shape[1]}), "
                                  f"got {tuple(t.shape)}")

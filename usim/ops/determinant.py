@@ -1,9 +1,13 @@
 """Determinant by Gauss elimination with partial pivoting (the layers of usim.ops.inverse on an
-n x n scratch block). Activations: relu, reciprocal, bilinear. Depth 5n + 1, width 2.
+n x n scratch block). Activations: relu, reciprocal, bilinear. Depth 5n + 4, width 2.
 
 det(A) = (-1)^(number of real row swaps) * product of the pivots, accumulated pivot by pivot in
 the order of LU with partial pivoting (as torch.linalg.det). A matrix that meets an exactly-zero
 pivot (singular, e.g. a zero column or an exactly dependent row) gives exactly 0, like torch.
+The running product is kept as itself or as its reciprocal, whichever lies in [-1, 1] (see
+usim.ops.inverse), so no slot overflows on the way: like torch's, the result underflows to 0 or
+overflows to +-inf where the running product of the pivots leaves the dtype's range, and is
+finite elsewhere.
 """
 
 from __future__ import annotations
