@@ -229,3 +229,26 @@ def test_torch_compile_threads_and_a_run_path_without_host_syncs(seed):
     for t in threads:
         t.join()
     assert all(torch.equal(r, y) for r in results), seed
+
+
+def test_save_and_load_a_drop_in(seed, tmp_path):
+    # a drop-in's file is its nn.MultiheadAttention weights and sizes; the U is rebuilt from the sizes
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    mha = nn.MultiheadAttention(8, 2, kdim=5, vdim=3, dropout=0.1, batch_first=True)
+    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=4).eval()
+    path = tmp_path / "drop_in.safetensors"
+    usim.save(sim, path)
+    loaded = usim.load(path).eval()
+    q, k, v = torch.randn(2, 4, 8), torch.randn(2, 4, 5), torch.randn(2, 4, 3)
+    assert isinstance(loaded, SimulatedMultiheadAttention) and loaded.dropout == 0.1 and loaded.batch_first
+    assert torch.equal(loaded(q, k, v)[0], sim(q, k, v)[0]), seed
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["out_proj.weight"][0, 0] += 1
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match="altered"):
+        usim.load(path)
+    assert not torch.equal(usim.load(path, verify=False).out_proj.weight, sim.out_proj.weight)

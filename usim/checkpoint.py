@@ -91,6 +91,10 @@ def save(module, path) -> None:
     """Write a construction (or a bare ``usim.Encoder``, with its ``layout`` attribute if set) to ``path``."""
     from usim.ops.base import Construction, layer_specs
 
+    from usim.mha import SimulatedMultiheadAttention
+
+    if isinstance(module, SimulatedMultiheadAttention):
+        return _save_drop_in(module, path)
     if isinstance(module, Construction):
         encoder, layout, kind, args = module.encoder, module.layout, module.kind, module.args
     elif isinstance(module, Encoder):
@@ -112,6 +116,59 @@ def save(module, path) -> None:
     }
     metadata[DIGEST] = digest(tensors, metadata)
     save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+DROP_IN = "SimulatedMultiheadAttention"
+DROP_IN_ARGS = ("embed_dim", "num_heads", "seq_len", "bias", "kdim", "vdim", "batch_first", "dropout")
+
+
+def _save_drop_in(module, path) -> None:
+    """A drop-in is its nn.MultiheadAttention weights (its state_dict) and its sizes: the U that
+    computes it is rebuilt from the sizes, as when it was made."""
+    args = {"embed_dim": module.embed_dim, "num_heads": module.num_heads, "seq_len": module.seq_len,
+            "bias": module.has_bias, "kdim": module.kdim, "vdim": module.vdim, "batch_first": module.batch_first,
+            "dropout": float(module.dropout)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"cannot save: tensor {name!r} holds NaN or infinite values")
+    metadata = {"usim.format": FORMAT_VERSION, "usim.module": json.dumps({"kind": DROP_IN, "args": args})}
+    metadata[DIGEST] = digest(tensors, metadata)
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execution: str):
+    from usim.mha import SimulatedMultiheadAttention
+
+    module = _json(metadata, "usim.module", path)
+    args = module.get("args") if isinstance(module, dict) else None
+    if not isinstance(args, dict) or sorted(args) != sorted(DROP_IN_ARGS):
+        raise ValueError(f"{path}: 'usim.module' args of a {DROP_IN} must be exactly {list(DROP_IN_ARGS)}")
+    for key in ("embed_dim", "num_heads", "seq_len", "kdim", "vdim"):
+        _int(args[key], f"{path}: 'usim.module' args.{key}", minimum=1)
+    for key in ("bias", "batch_first"):
+        if not isinstance(args[key], bool):
+            raise ValueError(f"{path}: 'usim.module' args.{key} must be true or false, got {_short(args[key])}")
+    if not isinstance(args["dropout"], (int, float)) or isinstance(args["dropout"], bool) or \
+            not 0 <= args["dropout"] < 1:
+        raise ValueError(f"{path}: 'usim.module' args.dropout must be a number in [0, 1), got {_short(args['dropout'])}")
+    if verify:
+        _verify_digest(metadata, tensors, path)
+    dropout = args.pop("dropout")
+    try:
+        drop_in = SimulatedMultiheadAttention(**args, execution=execution)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: 'usim.module' args do not make a {DROP_IN}: {e}") from None
+    drop_in.dropout = float(dropout)
+    expected = drop_in.state_dict()
+    for name in sorted(set(expected) | set(tensors)):
+        t, want = tensors.get(name), expected.get(name)
+        if t is None or want is None or t.shape != want.shape or not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} does not fit a {DROP_IN} of these sizes")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    drop_in.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    return drop_in
 
 
 # --- reading and validating ----------------------------------------------------------------------
@@ -439,6 +496,10 @@ def load(path, execution: str = "fast", *, verify: bool = True):
     is "fast" or "dense" (see ``usim.Encoder.execution``). ValueError for an unknown kind."""
     from usim.ops.base import REGISTRY
 
+    metadata, tensors = _read(os.fspath(path))
+    module = metadata.get("usim.module", "")
+    if f'"{DROP_IN}"' in module:  # a drop-in: its MHA weights and sizes
+        return _load_drop_in(metadata, tensors, os.fspath(path), verify, execution)
     encoder, layout, kind, args = _load(path, verify, known_kind=True)
     encoder.execution = execution
     if kind == "Encoder":

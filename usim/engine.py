@@ -391,8 +391,8 @@ class Encoder(nn.Module):
         return x.gather(-1, index)[..., 0]
 
     @classmethod
-    def load(cls, path) -> "Encoder":
-        """Any usim checkpoint as a bare encoder."""
-        from usim.checkpoint import load_encoder
+    def load(cls, path, *, verify: bool = True) -> "Encoder":
+        """Any usim checkpoint as a bare encoder (digest checked unless verify=False)."""
+        from usim.checkpoint import load_encoder  # checkpoint imports this module: imported here
 
-        return load_encoder(path)[0]
+        return load_encoder(path, verify=verify)[0]
