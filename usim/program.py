@@ -345,7 +345,8 @@ def compile_encoder(encoder) -> Program:
     """The program of an encoder (see the module docstring), from its weights and positions."""
     planner = Planner(encoder)
     live, out_pos, needs = _liveness(encoder, planner)
-    entries = Entries(live)
+    planner.memo.clear()  # the sorted key codes are planning's alone: free them before the buffer layout
+    entries = Entries(live, keep=3)
     static = static_slots(encoder)
     column = planner.column
 
