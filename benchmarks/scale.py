@@ -118,7 +118,9 @@ def main() -> None:
                                    "--threads", str(args.threads)], capture_output=True, text=True,
                                   timeout=args.timeout, env=env)
             if proc.returncode:
-                rows.append({"case": name, "failed": proc.stderr.strip().splitlines()[-1][:300]})
+                lines = proc.stderr.strip().splitlines()
+                why = lines[-1][:300] if lines else f"killed (exit status {proc.returncode}; out of memory?)"
+                rows.append({"case": name, "failed": why})
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         except subprocess.TimeoutExpired:
