@@ -41,7 +41,7 @@ STATIC_TABLE = 1 << 22
 class Liveness:
     """Per slot, the positions whose entry the result depends on."""
 
-    def __init__(self, width: int, length: int):
+    def __init__(self, length: int):
         self.length = length
         self.masks: dict[int, torch.Tensor] = {}
 
@@ -241,7 +241,7 @@ def _scored_tiers(attn, head: int, first: int) -> list:
 def _liveness(encoder, planner: Planner):
     """The backward pass: per layer (in order) what runs where, and the live entries."""
     length = encoder.length
-    live = Liveness(encoder.stream_width, length)
+    live = Liveness(length)
     value = encoder.slots.index("value")
     readout = encoder.readout.cpu()
     passthrough = (readout == value) & ~written_slots(encoder)[value]  # the input token comes back

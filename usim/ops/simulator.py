@@ -192,7 +192,7 @@ class UniversalSimulator(Construction):
         nn.MultiheadAttention. ``weight_scale`` (..., heads, n, m) multiplies the softmax weights
         entry by entry before they weight the values (dropout: its mask / (1 - p)); the returned
         weights include it, as nn.MultiheadAttention's do."""
-        n, d, heads = self.n, self.d, self.heads
+        n, d = self.n, self.d
         factored = self.head_dim is not None
         if not factored and (key is not None or value is not None or attn_mask is not None or
                              weight_scale is not None):
