@@ -5,6 +5,10 @@ and reports: construction time, first call (planning + compiling + running), the
 calls, the peak memory, and the error against a float64 reference next to nn.MultiheadAttention's
 own float32 error (or, for U, the direct float32 torch computation's).
 
+Every warm time is also given as a ratio to the *term floor* measured in the same process: the same
+attention in plain torch with every product term formed (a broadcast multiply of the two operands,
+the term axis last, then a sum over it), the work U's construction does.
+
     python benchmarks/scale.py                      # every case below, results in benchmarks/results/
     python benchmarks/scale.py --cases dropin-64x8  # some of them
 
@@ -27,14 +31,51 @@ from pathlib import Path
 
 import torch
 
-# name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len) or "u" (n, d, heads)
+# name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len, batch) or "u" (n, d, heads, batch)
 CASES = {
-    "dropin-384x12-n16": ("dropin", (384, 12, 16)),
-    "dropin-64x8-n16": ("dropin", (64, 8, 16)),
-    "u-n128-d8": ("u", (128, 8, 1)),
-    "u-n32-d8": ("u", (32, 8, 1)),
-    "dropin-384x12-n128": ("dropin", (384, 12, 128)),
+    "dropin-384x12-n16": ("dropin", (384, 12, 16, 1)),
+    "dropin-384x12-n16-b8": ("dropin", (384, 12, 16, 8)),
+    "dropin-64x8-n16": ("dropin", (64, 8, 16, 1)),
+    "u-n128-d8": ("u", (128, 8, 1, 1)),
+    "u-n32-d8": ("u", (32, 8, 1, 1)),
+    "u-n16-d16-b64": ("u", (16, 16, 1, 64)),
+    "dropin-384x12-n128": ("dropin", (384, 12, 128, 1)),
+    "dropin-384x12-n512": ("dropin", (384, 12, 512, 1)),
 }
+
+
+def term_floor_mha(x, mha):
+    """nn.MultiheadAttention's forward with every product term formed: (B, n, E) -> (B, n, E)."""
+    e, h = mha.embed_dim, mha.num_heads
+    r = e // h
+    w = mha.in_proj_weight.detach().reshape(3, h, r, e)  # (3, H, r, E): row (head, j) of W_Q, W_K, W_V
+    b = mha.in_proj_bias.detach().reshape(3, h, 1, r)
+    q, k, v = ((x[:, None, :, None, :] * w[i][None, :, None]).sum(-1) + b[i] for i in range(3))  # (B, H, n, r)
+    q = q * r ** -0.5
+    s = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1)  # (B, H, n, n)
+    p = torch.softmax(s, -1)
+    o = (p[:, :, :, None, :] * v.transpose(-1, -2)[:, :, None, :, :]).sum(-1)  # (B, H, n, r)
+    wo = mha.out_proj.weight.detach().reshape(e, h, r)  # (E, H, r)
+    terms = o.permute(0, 2, 1, 3).reshape(x.shape[0], x.shape[1], 1, h * r) * wo.reshape(1, 1, e, h * r)
+    return terms.sum(-1) + mha.out_proj.bias.detach()
+
+
+def term_floor_u(x, a, v):
+    """softmax(X A X^T) X V with every product term formed: x (B, n, d), a and v (d, d)."""
+    xa = (x[:, :, None, :] * a.T[None, None]).sum(-1)
+    s = (xa[:, :, None, :] * x[:, None, :, :]).sum(-1)
+    xv = (x[:, :, None, :] * v.T[None, None]).sum(-1)
+    p = torch.softmax(s, -1)
+    return (p[:, :, None, :] * xv.transpose(-1, -2)[:, None, :, :]).sum(-1)
+
+
+def median_time(call, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def peak_gb() -> float:
@@ -48,24 +89,28 @@ def run_case(name: str, repeats: int) -> dict:
     torch.manual_seed(0)
     start = time.perf_counter()
     if kind == "dropin":
-        embed_dim, heads, n = sizes
+        embed_dim, heads, n, batch = sizes
         mha = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True)
         with torch.no_grad():  # biases as in a trained model, not zero
             mha.in_proj_bias.normal_(0, 0.1)
             mha.out_proj.bias.normal_(0, 0.1)
         module = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n)
-        x = torch.randn(1, n, embed_dim)
+        x = torch.randn(batch, n, embed_dim)
         call = lambda: module(x, x, x, need_weights=False)[0]  # noqa: E731
+        floor = lambda: term_floor_mha(x, mha)  # noqa: E731
+        direct = lambda: mha(x, x, x, need_weights=False)[0]  # noqa: E731
         ref_mha = torch.nn.MultiheadAttention(embed_dim, heads, batch_first=True, dtype=torch.float64)
         ref_mha.load_state_dict({k: v.double() for k, v in mha.state_dict().items()})
         ref = ref_mha(x.double(), x.double(), x.double(), need_weights=False)[0]
         baseline = mha(x, x, x, need_weights=False)[0]
         baseline_name = "nn.MultiheadAttention float32"
     else:
-        n, d, heads = sizes
+        n, d, heads, batch = sizes
         module = usim.UniversalSimulator(n, d, heads=heads)
-        x, a, v = torch.randn(1, n, d), torch.randn(d, d) / d, torch.randn(d, d)
+        x, a, v = torch.randn(batch, n, d), torch.randn(d, d) / d, torch.randn(d, d)
         call = lambda: module(x, a, v)  # noqa: E731
+        floor = lambda: term_floor_u(x, a, v)  # noqa: E731
+        direct = lambda: torch.softmax(x @ a @ x.mT, -1) @ (x @ v)  # noqa: E731
         scores = x.double() @ a.double() @ x.double().mT
         ref = torch.softmax(scores, -1) @ (x.double() @ v.double())
         baseline = torch.softmax(x @ a @ x.mT, -1) @ (x @ v)
@@ -74,18 +119,22 @@ def run_case(name: str, repeats: int) -> dict:
     start = time.perf_counter()
     out = call()
     first = time.perf_counter() - start
-    warm = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    with torch.no_grad():
+        warm = median_time(call, repeats)
         again = call()
-        warm.append(time.perf_counter() - start)
+        floor_s = median_time(floor, max(repeats, 5))
+        direct_s = median_time(direct, max(repeats, 5))
+        if not torch.allclose(floor().double(), ref, rtol=1e-4, atol=1e-4):
+            raise RuntimeError("the term floor does not compute the attention")
     error = (out.double() - ref).abs().max().item()
     baseline_error = (baseline.double() - ref).abs().max().item()
     encoder = module.simulator.encoder if kind == "dropin" else module.encoder
     return {
         "case": name, "kind": kind, "sizes": sizes, "tokens": encoder.length, "stream slots": encoder.stream_width,
         "depth": encoder.depth, "construction s": round(built, 3), "first call s": round(first, 3),
-        "construction + first call s": round(built + first, 3), "warm call s (median)": round(statistics.median(warm), 4),
+        "construction + first call s": round(built + first, 3), "warm call s (median)": round(warm, 4),
+        "term floor s": round(floor_s, 5), "warm / floor": round(warm / floor_s, 1),
+        "direct torch s": round(direct_s, 5), "warm / direct": round(warm / direct_s, 1),
         "peak GB": round(peak_gb(), 3), "max error": error, "baseline": baseline_name,
         "baseline error": baseline_error, "error / baseline": round(error / max(baseline_error, 1e-30), 2),
         "repeatable": bool(torch.equal(out, again)),
@@ -127,14 +176,14 @@ def main() -> None:
             rows.append({"case": name, "failed": f"timeout after {args.timeout} s"})
         print(json.dumps(rows[-1]), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
-            "torch": torch.__version__, "threads": args.threads, "dtype": "float32", "batch": 1,
+            "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
             "THP_MEM_ALLOC_ENABLE": not args.no_thp, "load average": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "peak GB", "max error",
-               "baseline error", "error / baseline"]
-    lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32, batch 1, "
+    columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",
+               "warm / floor", "warm / direct", "peak GB", "max error", "baseline error", "error / baseline"]
+    lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32 (batch in the case name, else 1), "
              f"THP_MEM_ALLOC_ENABLE={int(meta['THP_MEM_ALLOC_ENABLE'])}, load average {meta['load average'][0]:.1f} "
              "(other work on the machine)", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]

@@ -7,6 +7,7 @@ import usim
 from usim.construct import Builder, Head, match, maximize
 from usim.engine import EXECUTIONS
 from usim.plan import plan_encoder
+from usim.program import compile_encoder
 from usim.layout import Layout
 
 DTYPES = [torch.float32, torch.float64]
@@ -127,7 +128,7 @@ def test_simulator_heads_are_planned():
     u = usim.UniversalSimulator(4, 4, heads=2)
     kinds = [p.kind for layer in plan_encoder(u.encoder) if layer is not None for p in layer]
     assert "dense" not in kinds and kinds.count("gather") >= len(kinds) // 2
-    steps = [h for step in u.encoder.program().steps for h in getattr(step, "heads", [])]
+    steps = [h for step in compile_encoder(u.encoder).steps for h in getattr(step, "heads", [])]
     assert steps and all(h.kind != "dense" for h in steps)  # most gathers are plain moves, not in steps
     assert max(h.valid.shape[1] for h in steps if h.kind == "candidates") <= 2 * 4  # 2 heads x 4 terms
 
@@ -202,7 +203,7 @@ def test_cuda_fast_equals_dense(seed, dtype):
 def test_program_skips_dead_entries_and_is_finite(seed):
     # The compiled program stores only the entries the result depends on, far fewer than L x W.
     u = usim.UniversalSimulator(4, 4)
-    program = u.encoder.program()
+    program = compile_encoder(u.encoder)  # the per-token program (U itself runs the structured one)
     assert program.size < 0.5 * u.encoder.length * u.encoder.stream_width
     x, a, v = torch.randn(5, 4, 4), torch.randn(4, 4) / 2, torch.randn(4, 4)
     y = u(x, a, v)

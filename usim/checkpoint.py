@@ -25,7 +25,6 @@ load: converted to the compact table, verified against a fresh construction, or 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -507,11 +506,4 @@ def load(path, execution: str = "fast", *, verify: bool = True):
     return REGISTRY[kind].from_parts(encoder, layout, args, execution)
 
 
-def _encoder_load(cls, path, *, verify: bool = True) -> Encoder:
-    """Any usim checkpoint as a bare encoder (digest checked unless verify=False)."""
-    return load_encoder(path, verify=verify)[0]
-
-
-# ``usim.Encoder.load`` takes ``verify`` too; engine.py's own ``load`` gets it where it lacks it.
-if "verify" not in inspect.signature(Encoder.load).parameters:
-    Encoder.load = classmethod(_encoder_load)
+Encoder.reader = load_encoder  # Encoder.load reads checkpoints through this module

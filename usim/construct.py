@@ -26,6 +26,7 @@ import torch
 
 from usim.engine import ACTIVATIONS, FFN as FFNModule, Encoder, EncoderLayer, HardAttention
 from usim.layout import Layout
+from usim.positions import Piece, Positions, whole
 
 ONE = "one"
 POSITION = "position"  # the sequence index, a positional slot of every builder
@@ -107,12 +108,13 @@ class Builder:
     def __init__(self, layout: Layout):
         self.layout = layout
         self.slots: list[str] = []
-        self._pos: dict[str, torch.Tensor] = {}
+        self._pos: dict[str, list[Piece]] = {}  # per positional slot, its pieces (usim.positions)
         self.layers: list[tuple[list[Head], FFN | None]] = []
         self.readout: dict[str, str] = {}
         self.slot("value")
-        self.positional(ONE, torch.ones(layout.length, dtype=torch.long))
-        self.positional(POSITION, torch.arange(layout.length))
+        self.positional_affine(ONE, lambda block, i: (1, (0,) * len(block.shape)))
+        # the sequence index: the block's offset plus the row-major strides of its multi-index
+        self.positional_affine(POSITION, lambda block, i: (layout.offsets[block.name], _strides(block.shape)))
 
     # --- slots ---------------------------------------------------------------------------
     def slot(self, name: str) -> str:
@@ -125,17 +127,45 @@ class Builder:
         return [self.slot(f"{prefix}{i}") for i in range(count)]
 
     def positional(self, name: str, values, square: bool = False) -> str:
-        """A slot holding a fixed small integer per position (optionally with its square)."""
+        """A slot holding a fixed small integer per position, given per token (optionally with its square)."""
         values = torch.as_tensor(values, dtype=torch.long)
         if values.numel() and values.abs().max() >= 2 ** 31:
             raise ValueError(f"positional {name!r}: values must fit in int32")
-        values = values.to(torch.int32)
         if values.shape != (self.layout.length,):
             raise ValueError(f"positional {name!r}: expected ({self.layout.length},), got {tuple(values.shape)}")
+        pieces = []
+        for i, blk in enumerate(self.layout.blocks):
+            span = self.layout.span(blk.name)
+            pieces.append(Piece(i, *whole(blk.shape), table=values[span.start: span.stop].to(torch.int32)))
         self.slot(name)
-        self._pos[name] = values
+        self._pos[name] = pieces
         if square:
-            self.positional(f"{name}^2", values.long() * values.long())
+            self.positional(f"{name}^2", values * values)
+        return name
+
+    def positional_affine(self, name: str, form, square: bool = False) -> str:
+        """A positional slot in closed form: ``form(block, index)`` gives, per block, None (0 there),
+        (const, coefs) (value const + coefs . u at multi-index u) or a list of pieces
+        (lo, hi, const, coefs) on disjoint sub-boxes (0 elsewhere). With ``square``, slot
+        ``name + "^2"`` holds the squares."""
+        pieces = []
+        for i, blk in enumerate(self.layout.blocks):
+            spec = form(blk, i)
+            if spec is None:
+                continue
+            if isinstance(spec, tuple):
+                spec = [(*whole(blk.shape), *spec)]
+            for lo, hi, const, coef in spec:
+                pieces.append(Piece(i, tuple(lo), tuple(hi), int(const), tuple(int(c) for c in coef)))
+        for p in pieces:  # the largest value a corner of the piece reaches must fit int32
+            top = abs(p.const) + sum(abs(c) * max(abs(l), abs(h - 1)) for c, l, h in zip(p.coef, p.lo, p.hi))
+            if (top * top if square else top) >= 2 ** 31:
+                raise ValueError(f"positional {name!r}: values must fit in int32")
+        self.slot(name)
+        self._pos[name] = pieces
+        if square:
+            self.slot(f"{name}^2")
+            self._pos[f"{name}^2"] = [Piece(p.block, p.lo, p.hi, p.const, p.coef, square=True) for p in pieces]
         return name
 
     def positional_from(self, name: str, fn, square: bool = True) -> str:
@@ -236,16 +266,20 @@ class Builder:
     def build(self) -> Encoder:
         if not self.readout and self.layout.outputs:
             raise ValueError("no result slot set: call result(block, slot)")
-        names = list(self._pos)
-        positional = torch.stack([self._pos[n] for n in names]) if names else \
-            torch.zeros(0, self.layout.length, dtype=torch.int32)
-        columns = torch.tensor([self.slots.index(n) for n in names], dtype=torch.long)
-        readout = torch.full((self.layout.length,), self.slots.index("value"), dtype=torch.long)
-        for block, slot in self.readout.items():
-            span = self.layout.span(block)
-            readout[span.start: span.stop] = self.slots.index(slot)
+        positions = Positions([blk.shape for blk in self.layout.blocks],
+                              {self.slots.index(n): pieces for n, pieces in self._pos.items()})
+        readout = [self.slots.index(self.readout.get(blk.name, "value")) for blk in self.layout.blocks]
         layers = [
             EncoderLayer(self._attention(heads) if heads else None, self._ffn(ffn) if ffn else None)
             for heads, ffn in self.layers
         ]
-        return Encoder(self.slots, (positional, columns), readout, layers)
+        return Encoder(self.slots, positions, readout, layers)
+
+
+def _strides(shape: tuple) -> tuple:
+    """Row-major strides of a block's multi-index."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))

@@ -29,7 +29,9 @@ from torch import nn
 from usim.activations import ACTIVATIONS, activate
 from usim.average import dense_ordered_sum, ordered_sum
 from usim.plan import plan_encoder
+from usim.positions import Positions
 from usim.program import compile_encoder
+from usim.structured import NotStructured, compile_structured
 
 EXECUTIONS = ("fast", "dense")
 # About how many stream numbers one forward chunk holds (the batch is split to stay near this).
@@ -252,53 +254,89 @@ class Encoder(nn.Module):
     output positions, the value slot elsewhere), so the output is again a (B, L) sequence.
     """
 
-    def __init__(self, slots: list[str], pos_table, readout: torch.Tensor,
+    def __init__(self, slots: list[str], pos_table, readout,
                  layers: list[EncoderLayer], execution: str = "fast"):
-        """pos_table: the positional table, dense (L, W), or compact as (values (P, L): one row per
-        positional slot, the slot index of each row (P,)). It is stored compactly: buffers
-        ``positional`` (P, L), as int32 when its values are small integers, and ``positional_slots``
-        (P,), since L can be millions of tokens (a row per slot is contiguous, fast to gather from)."""
+        """pos_table: the positional features, as a ``usim.positions.Positions`` (closed form, per
+        block), a dense table (L, W), or compact as (values (P, L): one row per positional slot, the
+        slot index of each row (P,)); tables are kept as ``Positions`` of one block.
+        readout: the slot read at each position (L,), or one slot per block of a ``Positions``."""
         super().__init__()
         self.execution = execution
         if len(set(slots)) != len(slots):
             raise ValueError("slot names must be unique")
         if "value" not in slots:
             raise ValueError("the stream needs a 'value' slot")
-        if isinstance(pos_table, torch.Tensor):
-            if pos_table.dim() != 2 or pos_table.shape[1] != len(slots):
-                raise ValueError(f"pos_table shape {tuple(pos_table.shape)}: its width must be the {len(slots)} slots")
-            columns = (pos_table != 0).any(0).nonzero()[:, 0]
-            values = pos_table[:, columns].T.contiguous()
+        if isinstance(pos_table, Positions):
+            positions = pos_table
+            if positions.slots and (min(positions.slots) < 0 or max(positions.slots) >= len(slots)):
+                raise ValueError(f"positional slots must be slot indices in 0..{len(slots) - 1}")
         else:
-            values, columns = pos_table
-            columns = torch.as_tensor(columns, dtype=torch.long)
-            if values.dim() != 2 or columns.shape != (values.shape[0],):
-                raise ValueError(f"positional values {tuple(values.shape)} and slots {tuple(columns.shape)} "
-                                 "do not fit: expected (P, L) and (P,)")
-            if len(columns) and (columns.min() < 0 or columns.max() >= len(slots) or len(set(columns.tolist())) < len(columns)):
-                raise ValueError(f"positional columns must be distinct slot indices in 0..{len(slots) - 1}")
-        if values.is_floating_point() and bool((values == values.round()).all()) and \
-                bool((values.abs() < 2 ** 31).all()):
-            values = values.to(torch.int32)
-        length = values.shape[1]
-        if readout.shape != (length,):
-            raise ValueError(f"readout shape {tuple(readout.shape)} != ({length},)")
+            if isinstance(pos_table, torch.Tensor):
+                if pos_table.dim() != 2 or pos_table.shape[1] != len(slots):
+                    raise ValueError(f"pos_table shape {tuple(pos_table.shape)}: its width must be the {len(slots)} slots")
+                columns = (pos_table != 0).any(0).nonzero()[:, 0]
+                values = pos_table[:, columns].T.contiguous()
+            else:
+                values, columns = pos_table
+                columns = torch.as_tensor(columns, dtype=torch.long)
+                if values.dim() != 2 or columns.shape != (values.shape[0],):
+                    raise ValueError(f"positional values {tuple(values.shape)} and slots {tuple(columns.shape)} "
+                                     "do not fit: expected (P, L) and (P,)")
+                if len(columns) and (columns.min() < 0 or columns.max() >= len(slots) or len(set(columns.tolist())) < len(columns)):
+                    raise ValueError(f"positional columns must be distinct slot indices in 0..{len(slots) - 1}")
+            if values.is_floating_point() and bool((values == values.round()).all()) and \
+                    bool((values.abs() < 2 ** 31).all()):
+                values = values.to(torch.int32)
+            positions = Positions.from_table(values, columns.tolist()) if values.shape[1] else \
+                Positions([(0,)], {})
+            positions.length = values.shape[1]
         self.slots = list(slots)
-        self.register_buffer("positional", values)
-        self.register_buffer("positional_slots", columns)
-        self.register_buffer("readout", readout.long())
+        self.positions = positions
+        if isinstance(readout, torch.Tensor):
+            if readout.shape != (positions.length,):
+                raise ValueError(f"readout shape {tuple(readout.shape)} != ({positions.length},)")
+            self.register_buffer("readout_tokens", readout.long())
+        else:
+            if len(readout) != len(positions.shapes):
+                raise ValueError(f"readout: {len(readout)} slots for {len(positions.shapes)} blocks")
+            self.register_buffer("readout_blocks", torch.tensor([int(r) for r in readout], dtype=torch.long))
         self.layers = nn.ModuleList(layers)
+
+    @property
+    def readout(self) -> torch.Tensor:
+        """(L,) the slot read at each position (made per token on first use: it may be edited in place)."""
+        if not hasattr(self, "readout_tokens"):
+            sizes = torch.tensor(self.positions.offsets).diff()
+            tokens = self.readout_blocks.repeat_interleave(sizes.to(self.readout_blocks.device))
+            del self.readout_blocks
+            self.register_buffer("readout_tokens", tokens)
+        return self.readout_tokens
+
+    @property
+    def positional(self) -> torch.Tensor:
+        """(P, L) the positional table, a row per positional slot (materialised on demand, kept)."""
+        return self._table()[0]
+
+    @property
+    def positional_slots(self) -> torch.Tensor:
+        """(P,) the slot of each row of ``positional``."""
+        return self._table()[1]
+
+    def _table(self):
+        if "_table_cache" not in self.__dict__:
+            self.__dict__["_table_cache"] = self.positions.table()
+        return self.__dict__["_table_cache"]
 
     @property
     def pos_table(self) -> torch.Tensor:
         """The dense positional table (L, W) in float64 (built on demand: for small encoders)."""
-        table = torch.zeros(self.length, self.stream_width, dtype=torch.float64, device=self.positional.device)
+        table = torch.zeros(self.length, self.stream_width, dtype=torch.float64)
         table[:, self.positional_slots] = self.positional.double().T
         return table
 
     @property
     def length(self) -> int:
-        return self.positional.shape[1]
+        return self.positions.length
 
     @property
     def stream_width(self) -> int:
@@ -375,12 +413,27 @@ class Encoder(nn.Module):
         return any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in
                    [layer.hook_resid] + ([layer.attn.hook_pattern] if layer.attn is not None else []))
 
+    def structured(self, dtype, device):
+        """The structured program (``usim.structured``) when the fast execution runs one (no hook
+        observes the stream and every selection is affine), else None."""
+        if self.execution != "fast" or self._observed():
+            return None
+        program = self.program(dtype, device)
+        return program if getattr(program, "structured", False) else None
+
     def program(self, dtype=torch.float64, device=None):
         """The fast execution's compiled program (``usim.program.Program``), cached per dtype and device."""
         cache = self._cache()
         key = ("program", dtype, str(torch.device(device or "cpu")))
         if key not in cache:  # compiled per dtype and device (a float64 master would double the memory)
-            cache[key] = compile_encoder(self).to(dtype, device)
+            if "structured" not in cache:
+                try:
+                    cache["structured"] = compile_structured(self)
+                except NotStructured as e:
+                    cache["structured"] = None
+                    cache["why not structured"] = str(e)
+            structured = cache["structured"]
+            cache[key] = structured if structured is not None else compile_encoder(self).to(dtype, device)
         return cache[key]
 
     def _run(self, seq: torch.Tensor, plans: list) -> torch.Tensor:
@@ -390,9 +443,13 @@ class Encoder(nn.Module):
         index = self.readout.to(seq.device).expand(x.shape[0], -1)[..., None]
         return x.gather(-1, index)[..., 0]
 
+    # The checkpoint reader, set by ``usim.checkpoint`` when it is imported (it imports this module,
+    # so this module does not import it: no import circle).
+    reader = None
+
     @classmethod
     def load(cls, path, *, verify: bool = True) -> "Encoder":
         """Any usim checkpoint as a bare encoder (digest checked unless verify=False)."""
-        from usim.checkpoint import load_encoder  # checkpoint imports this module: imported here
-
-        return load_encoder(path, verify=verify)[0]
+        if Encoder.reader is None:
+            raise RuntimeError("usim.checkpoint is not imported (import usim does it)")
+        return Encoder.reader(path, verify=verify)[0]

@@ -78,7 +78,19 @@ class Construction(nn.Module):
             for block, a in zip(self.layout.inputs, arrays):
                 if not torch.isfinite(a).all():
                     raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
-        return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
+        dtype = arrays[0].dtype if arrays else torch.float64
+        device = arrays[0].device if arrays else None
+        program = self.encoder.structured(dtype, device)
+        if program is None:
+            return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
+        # The structured program reads the input blocks and returns the output blocks: the token
+        # sequence (inputs, zeros elsewhere) is never packed whole.
+        index = {b.name: i for i, b in enumerate(self.layout.blocks)}
+        inputs = {index[b.name]: a.expand(*batch_shape, *b.shape).reshape(-1, b.size)
+                  for b, a in zip(self.layout.inputs, arrays)}
+        outputs = program.forward(inputs, [index[b.name] for b in self.layout.outputs])
+        results = [outputs[index[b.name]].reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
+        return results[0] if len(results) == 1 else tuple(results)
 
     def check_matrices(self, **tensors) -> None:
         """Each keyword is a tensor whose last two axes must equal the shape of the input block of

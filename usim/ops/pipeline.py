@@ -52,8 +52,7 @@ ADDRESS = ("block", "row", "col")
 class Product:
     """out (n, p) = sum over t < terms of left(i, k, t) * right(i, k, t).
 
-    left and right map index tensors (i, k, t) of the term tokens to operand addresses
-    (block name or list of block names per term, row tensor, col tensor)."""
+    left and right are ``Operand``s: where term (i, k, t) reads each factor, in closed form."""
 
     out: str
     terms: int
@@ -139,10 +138,9 @@ class Pipeline:
         index = {blk.name: i for i, blk in enumerate(layout.blocks)}
         _coordinates(b, layout)
         null = index["null"]
-        addresses = {f"{side}.{a}": torch.zeros(layout.length, dtype=torch.long) for side in ("fa", "fb", "rd")
-                     for a in ADDRESS}
-        for side in ("fa", "fb", "rd"):
-            addresses[f"{side}.block"][:] = null
+        # every address slot in closed form: per block index, its pieces (lo, hi, const, coefs)
+        # (absent: the block's default: null's index for a .block slot, 0 otherwise)
+        addresses: dict = {f"{side}.{a}": {} for side in ("fa", "fb", "rd") for a in ADDRESS}
         homes: dict = {}
         for kind, tag, products, _ in track(self.stages, desc="usim: building the stages' addresses"):
             if kind != "matmul":
@@ -150,61 +148,55 @@ class Pipeline:
             for p in products:
                 term_block = f"{tag}terms:{p.out}"
                 n, q, terms = self.scratch[term_block]
-                i, k, t = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q),
-                                                                  torch.arange(terms), indexing="ij"))
-                span = layout.span(term_block)
-                real = t < p.terms  # the padding terms of a shorter product read null's zeros
-                positions = torch.arange(span.start, span.stop)[real]
+                at = index[term_block]
                 for side, operand in (("fa", p.left), ("fb", p.right)):
-                    blocks, rows, cols = operand(i[real], k[real], t[real])
-                    per_term = [blocks] * p.terms if isinstance(blocks, str) else list(blocks)
-                    if len(per_term) != p.terms:
-                        raise ValueError(f"stage {tag!r}: {len(per_term)} operand blocks for {p.terms} terms")
-                    block_of = torch.tensor([index[name] for name in per_term])[t[real]]
-                    for name in set(per_term):
-                        homes.setdefault((tag, side), set()).add(self.home_at(name, tag))
-                        at = block_of == index[name]
-                        _check_inside(tag, name, self.shape(name), torch.as_tensor(rows)[at], torch.as_tensor(cols)[at])
-                    addresses[f"{side}.block"][positions] = block_of
-                    addresses[f"{side}.row"][positions] = torch.as_tensor(rows)
-                    addresses[f"{side}.col"][positions] = torch.as_tensor(cols)
-                out_span = layout.span(p.out)
-                rows, cols = (c.reshape(-1) for c in torch.meshgrid(torch.arange(n), torch.arange(q), indexing="ij"))
-                addresses["rd.block"][out_span.start: out_span.stop] = index[term_block]
-                addresses["rd.row"][out_span.start: out_span.stop] = rows
-                addresses["rd.col"][out_span.start: out_span.stop] = cols
+                    if not isinstance(operand, Operand):
+                        raise TypeError(f"stage {tag!r}: an operand must be a usim.ops.pipeline.Operand (from "
+                                        f"matrix(...) and its methods), got {type(operand).__name__}")
+                    pieces = {a: [] for a in ADDRESS}
+                    for seg in operand.segments(p.terms):
+                        homes.setdefault((tag, side), set()).add(self.home_at(seg.block, tag))
+                        box = ((0, 0, seg.lo), (n, q, seg.hi))
+                        _check_inside(tag, seg, self.shape(seg.block), box)
+                        pieces["block"].append((*box, index[seg.block], (0, 0, 0)))
+                        for a, form in (("row", seg.row), ("col", seg.col)):
+                            pieces[a].append((*box, form[3], form[:3]))
+                    if p.terms < terms:  # the padding terms of a shorter product read null's zeros
+                        pieces["block"].append(((0, 0, p.terms), (n, q, terms), null, (0, 0, 0)))
+                    for a in ADDRESS:
+                        addresses[f"{side}.{a}"][at] = pieces[a]
+                out = index[p.out]
+                addresses["rd.block"][out] = (index[term_block], (0, 0))
+                addresses["rd.row"][out] = (0, (1, 0))
+                addresses["rd.col"][out] = (0, (0, 1))
         if self.keep_flags:  # the ignore flag each softmax token reads: its entry's, else null's (0)
-            kp = {a: torch.zeros(layout.length, dtype=torch.long) for a in ADDRESS}
-            kp["block"][:] = null
+            kp = {f"kp.{a}": {} for a in ADDRESS}
             for kind, tag, blocks, flags in self.stages:
                 for blk, f in zip(blocks, flags) if kind == "softmax" and flags else ():
-                    span, (rows, cols) = layout.span(blk), self.shape(blk)
-                    kp["block"][span.start: span.stop] = index[f]
+                    at = index[blk]
+                    kp["kp.block"][at] = (index[f], (0, 0))
                     if len(self.shape(f)) == 2:  # one flag per entry, else one per column
-                        kp["row"][span.start: span.stop] = torch.arange(rows).repeat_interleave(cols)
-                    kp["col"][span.start: span.stop] = torch.arange(rows * cols) % cols
-            addresses.update({f"kp.{a}": v for a, v in kp.items()})
+                        kp["kp.row"][at] = (0, (1, 0))
+                    kp["kp.col"][at] = (0, (0, 1))
+            addresses.update(kp)
         if self.scales:  # the weight multiplier each softmax token reads (same entry, its own block)
-            addresses["sc.block"] = torch.full((layout.length,), null, dtype=torch.long)
+            addresses["sc.block"] = {}
             for kind, tag, blocks, _ in self.stages:
                 for blk, f in zip(blocks, self.scales.get(tag, [])) if kind == "softmax" else ():
-                    span = layout.span(blk)
-                    addresses["sc.block"][span.start: span.stop] = index[f]
+                    addresses["sc.block"][index[blk]] = (index[f], (0, 0))
         for kind, tag, products, _ in self.stages:  # each output's addend (a bias block), else null (0)
             for p in (products if kind == "matmul" else []):
                 if p.addend is not None:
                     if self.shape(p.addend) != self.shape(p.out) or p.addend not in self.inputs:
                         raise ValueError(f"stage {tag!r}: addend {p.addend!r} must be an input block of "
                                          f"{p.out!r}'s shape {self.shape(p.out)}")
-                    if "ad.block" not in addresses:
-                        addresses.update({f"ad.{a}": torch.zeros(layout.length, dtype=torch.long) for a in ADDRESS})
-                        addresses["ad.block"][:] = null
-                    span, (rows, cols) = layout.span(p.out), self.shape(p.out)
-                    addresses["ad.block"][span.start: span.stop] = index[p.addend]
-                    addresses["ad.row"][span.start: span.stop] = torch.arange(rows).repeat_interleave(cols)
-                    addresses["ad.col"][span.start: span.stop] = torch.arange(rows * cols) % cols
-        for name, values in addresses.items():
-            b.positional(name, values)
+                    addresses.setdefault("ad.block", {})[index[p.out]] = (index[p.addend], (0, 0))
+                    addresses.setdefault("ad.row", {})[index[p.out]] = (0, (1, 0))
+                    addresses.setdefault("ad.col", {})[index[p.out]] = (0, (0, 1))
+        for name, per_block in addresses.items():
+            default = (null, None) if name.endswith(".block") else None
+            b.positional_affine(name, lambda blk, i, per_block=per_block, default=default:
+                                _form(per_block.get(i), blk.shape, default))
         self._layers(b, index, homes)
         return b, layout
 
@@ -289,24 +281,93 @@ class Pipeline:
 def _coordinates(b: Builder, layout: Layout) -> None:
     """Positional slots block, row, col with squares: a matrix's row and column; a vector is one
     row; a term block (n, p, T) is addressed by its output entry (i, k)."""
-    b.positional_from("block", lambda blk, i, c: i)
-    b.positional_from("row", lambda blk, i, c: c[:, 0] if c.shape[1] > 1 else 0)
-    b.positional_from("col", lambda blk, i, c: c[:, 1] if c.shape[1] > 1 else c[:, 0])
+    def axis(a: int, shape: tuple) -> tuple:
+        return (0, tuple(int(j == a) for j in range(len(shape))))
+
+    b.positional_affine("block", lambda blk, i: (i, (0,) * len(blk.shape)), square=True)
+    b.positional_affine("row", lambda blk, i: axis(0, blk.shape) if len(blk.shape) > 1 else None, square=True)
+    b.positional_affine("col", lambda blk, i: axis(1 if len(blk.shape) > 1 else 0, blk.shape), square=True)
 
 
-def _check_inside(tag: str, name: str, shape: tuple, rows: torch.Tensor, cols: torch.Tensor) -> None:
-    """Every address must name an entry of its block (ValueError with the sizes otherwise)."""
+def _form(spec, shape: tuple, default) -> list | tuple | None:
+    """A block's pieces for ``Builder.positional_affine``: the given ones (coefficients padded to the
+    block's axes), or the default (a constant, or None: 0) where none is given."""
+    if spec is None:
+        return None if default is None else (default[0], (0,) * len(shape))
+    if isinstance(spec, tuple):
+        const, coef = spec
+        return const, tuple(coef[: len(shape)]) + (0,) * (len(shape) - len(coef))
+    return spec
+
+
+def _check_inside(tag: str, seg: "Segment", shape: tuple, box: tuple) -> None:
+    """Every address a segment makes must name an entry of its block (ValueError with the sizes)."""
     n_rows, n_cols = (1, shape[0]) if len(shape) == 1 else shape[:2]
-    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows or cols.min() < 0 or cols.max() >= n_cols):
-        raise ValueError(f"stage {tag!r}: operand addresses rows {int(rows.min())}..{int(rows.max())}, cols "
-                         f"{int(cols.min())}..{int(cols.max())} fall outside block {name!r} of shape {shape}")
+    (lo, hi) = box
+    ranges = []
+    for form in (seg.row, seg.col):  # the extremes of an affine form over the box: at its corners
+        low = form[3] + sum(min(c * l, c * (h - 1)) for c, l, h in zip(form[:3], lo, hi))
+        high = form[3] + sum(max(c * l, c * (h - 1)) for c, l, h in zip(form[:3], lo, hi))
+        ranges.append((low, high))
+    (r0, r1), (c0, c1) = ranges
+    if r0 < 0 or r1 >= n_rows or c0 < 0 or c1 >= n_cols:
+        raise ValueError(f"stage {tag!r}: operand addresses rows {r0}..{r1}, cols {c0}..{c1} fall outside "
+                         f"block {seg.block!r} of shape {shape}")
 
 
-def matrix(block: str, rows: str = "i", cols: str = "t"):
+# An index of a term token as an affine form (c_i, c_k, c_t, const) of (i, k, t).
+FORMS = {"i": (1, 0, 0, 0), "k": (0, 1, 0, 0), "t": (0, 0, 1, 0), "0": (0, 0, 0, 0)}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Terms lo <= t < hi read block ``block`` at (row, col), each an affine form of (i, k, t)."""
+
+    lo: int
+    hi: int
+    block: str
+    row: tuple
+    col: tuple
+
+
+@dataclass(frozen=True)
+class Operand:
+    """Where the term tokens of a product read one factor, in closed form: segments of the term
+    axis, each reading one block at affine addresses (so plans over them are affine maps too)."""
+
+    parts: tuple  # Segments; hi = None: up to the product's last term
+
+    def segments(self, terms: int) -> list:
+        out = []
+        for seg in self.parts:
+            hi = terms if seg.hi is None else min(seg.hi, terms)
+            if seg.lo < hi:
+                out.append(Segment(seg.lo, hi, seg.block, seg.row, seg.col))
+        if sum(seg.hi - seg.lo for seg in out) != terms or any(a.hi != b.lo for a, b in zip(out, out[1:])) or \
+                (out and out[0].lo != 0):
+            raise ValueError(f"operand segments {[(s.lo, s.hi) for s in out]} do not cover the {terms} terms once")
+        return out
+
+    def then(self, block: str, rows: str, cols: str, terms: int) -> "Operand":
+        """This operand for t < terms - 1 and block[rows, cols] (rows, cols: "i", "k" or "0") for the last."""
+        parts = [Segment(s.lo, terms - 1 if s.hi is None else min(s.hi, terms - 1), s.block, s.row, s.col)
+                 for s in self.parts if s.lo < terms - 1]
+        return Operand(tuple(parts) + (Segment(terms - 1, terms, block, FORMS[rows], FORMS[cols]),))
+
+
+def _shifted(form: tuple, shift: int) -> tuple:
+    """The form with t replaced by t - shift."""
+    return (*form[:3], form[3] - form[2] * shift)
+
+
+def matrix(block: str, rows: str = "i", cols: str = "t") -> Operand:
     """An operand read from one block: rows and cols each name an index of the term token
-    ("i", "k" or "t"), e.g. matrix("a", "i", "t") for A[i, t] or matrix("x", "k", "t") for X^T[t, k].
-    (An operand may also be any function (i, k, t) -> (block name or one name per term, rows, cols).)"""
-    def operand(i, k, t):
-        pick = {"i": i, "k": k, "t": t}
-        return block, pick[rows], pick[cols]
-    return operand
+    ("i", "k" or "t"), e.g. matrix("a", "i", "t") for A[i, t] or matrix("x", "k", "t") for X^T[t, k]."""
+    return Operand((Segment(0, None, block, FORMS[rows], FORMS[cols]),))
+
+
+def stacked(blocks: list[str], rows: str, cols: str, size: int) -> Operand:
+    """Blocks stacked along the term index: term t reads blocks[t // size] at (rows, cols) with
+    t % size in place of "t" (e.g. the heads of a multi-head sum)."""
+    return Operand(tuple(Segment(h * size, (h + 1) * size, blk, _shifted(FORMS[rows], h * size),
+                                 _shifted(FORMS[cols], h * size)) for h, blk in enumerate(blocks)))

@@ -34,30 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from usim.ops.base import Construction, check_size, register
-from usim.ops.pipeline import Pipeline, Product, matrix
-
-
-def _per_head(blocks: list[str], rows: str, cols: str, size: int):
-    """Operand over heads stacked along the term index: term t reads blocks[t // size] at
-    (rows, cols) with t % size in place of "t"."""
-    def operand(i, k, t):
-        pick = {"i": i, "k": k, "t": t % size}
-        return [blocks[j // size] for j in range(size * len(blocks))], pick[rows], pick[cols]
-    return operand
-
-
-def _with_last_term(operand, block: str, rows, cols, terms: int):
-    """operand for t < terms - 1, and (block, rows(i, k), cols(i, k)) for the last term."""
-    def combined(i, k, t):
-        names, r, c = operand(i, k, t.clamp(max=terms - 2))
-        last = t == terms - 1
-        names = list(names) if not isinstance(names, str) else [names] * (terms - 1)
-        return names[: terms - 1] + [block], torch.where(last, rows(i, k), r), torch.where(last, cols(i, k), c)
-    return combined
-
-
-def _zero(i, k):
-    return torch.zeros_like(i)
+from usim.ops.pipeline import Pipeline, Product, matrix, stacked
 
 
 def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline:
@@ -75,15 +52,14 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
     pipe.matmul("s.", [Product(f"s{h}", d, matrix(xa[h], "i", "t"), matrix("x", "k", "t")) for h in range(heads)])
     pipe.softmax("p.", list(weights), keep="ignore")
     y = pipe.block("y", (n, d))
-    pipe.matmul("y.", [Product(y, heads * n, _per_head(list(weights), "i", "t", n), _per_head(xv, "t", "k", n))])
+    pipe.matmul("y.", [Product(y, heads * n, stacked(list(weights), "i", "t", n), stacked(xv, "t", "k", n))])
     if ffn_hidden is not None:
         hidden = pipe.block("hidden", (n, ffn_hidden))
         pipe.matmul("w1.", [Product(hidden, d, matrix(y, "i", "t"), matrix("w1", "t", "k"))], activation="relu")
         terms = ffn_hidden + 1  # the last term is residual * y[i, k]
         pipe.matmul("w2.", [Product("out", terms,
-                                    _with_last_term(matrix(hidden, "i", "t"), "residual", _zero, _zero, terms),
-                                    _with_last_term(matrix("w2", "t", "k"), y, lambda i, k: i, lambda i, k: k,
-                                                    terms))])
+                                    matrix(hidden, "i", "t").then("residual", "0", "0", terms),
+                                    matrix("w2", "t", "k").then(y, "i", "k", terms))])
     return pipe
 
 
@@ -112,9 +88,8 @@ def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vd
     pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
     pipe.matmul("out.", [Product("y", terms,
-                                 _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
-                                 _with_last_term(_per_head([f"wo{h}" for h in range(heads)], "t", "k", r), "bo",
-                                                 _zero, lambda i, k: k, terms))])
+                                 stacked(o, "i", "t", r).then("one", "0", "0", terms),
+                                 stacked([f"wo{h}" for h in range(heads)], "t", "k", r).then("bo", "0", "k", terms))])
     return pipe
 
 
