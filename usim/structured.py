@@ -163,8 +163,8 @@ class Program:
         return out
 
     def forward(self, inputs: dict, blocks: list) -> dict:
-        """inputs: block -> (B, size) token values (the value slot; absent blocks are 0) ->
-        block -> (B, size) results at the requested computed blocks."""
+        """inputs: block -> (B, size) or (B, *block shape) token values (the value slot; absent
+        blocks are 0) -> block -> (B, size) results at the requested computed blocks."""
         any_input = next(iter(inputs.values()))
         run = _Run(self, any_input.shape[0], any_input.dtype, any_input.device)
         for b, t in inputs.items():
@@ -187,6 +187,7 @@ class _Run:
     def __init__(self, program: Program, batch: int, dtype, device):
         self.p, self.batch, self.dtype, self.device = program, batch, dtype, device
         self.fields: dict = {}
+        self.layouts: dict = {}  # (slot, block, axis) -> a copy of the field with that axis contiguous
 
     # --- reading fields -----------------------------------------------------------------
     def parts(self, slot: int, block: int) -> list:
@@ -252,6 +253,15 @@ class _Run:
     def view(self, slot: int, cell: Cell, sel: Selection) -> torch.Tensor:
         """(B, *cell shape, *free sizes): the slot at each query's candidate keys, a strided view."""
         keys = self.whole(slot, sel.key_block)
+        inner = self.inner_axis(cell, sel)
+        if inner is not None and keys.stride(1 + inner) != 1 and \
+                keys.numel() * 8 <= self.batch * math.prod(cell.shape) * max(1, math.prod([h - l for _, l, h in sel.free])):
+            # the view's innermost axis walks a strided key axis: read a copy of the (smaller) key
+            # block laid out with that axis contiguous, so the product over the view vectorises
+            name = (slot, sel.key_block, inner)
+            if name not in self.layouts:
+                self.layouts[name] = keys.movedim(1 + inner, -1).contiguous().movedim(-1, 1 + inner)
+            keys = self.layouts[name]
         # start at the key of the cell's first query (then as_strided keeps that storage offset)
         origin = [sel.m[k] + sum(c * l for c, l in zip(sel.M[k], cell.lo)) for k in range(keys.dim() - 1)]
         keys = keys[(slice(None),) + tuple(slice(o, None) for o in origin)]
@@ -260,6 +270,14 @@ class _Run:
         strides = [keys.stride(0)] + [sum(stride[k] * sel.M[k][a] for k in range(len(stride)))
                                       for a in range(len(cell.lo))] + [stride[a] for a, _, _ in sel.free]
         return keys.as_strided(sizes, strides)
+
+    @staticmethod
+    def inner_axis(cell: Cell, sel: Selection):
+        """The key axis the view's innermost axis steps along (None if several or none)."""
+        if sel.free:
+            return sel.free[-1][0]
+        steps = [k for k in range(len(sel.M)) if sel.M[k][len(cell.lo) - 1]]
+        return steps[0] if len(steps) == 1 else None
 
     def combine(self, terms: list, get) -> torch.Tensor:
         total = None
@@ -326,6 +344,9 @@ class _Run:
         """[(slot, cell, delta)]: the FFN at its block, cell by cell (where its inputs are one part
         each); over several cells the outputs are written into one tensor per slot."""
         reads = sorted({s for terms, _ in step.pre for s, _ in terms})
+        if step.activation in ZERO_AT_ZERO and all(self.zero(s, step.block) for s in reads) and \
+                all(bias == 0 for _, bias in step.pre) and all(bias == 0 for _, _, bias in step.out):
+            return []  # zeros in, zeros out: the written slots stay the stream's -0.0
         cells = self.split(step.block, reads)
         shape = self.p.shapes[step.block]
         full = Cell(step.block, (0,) * len(shape), shape)
@@ -385,15 +406,20 @@ class _Run:
             grouped.setdefault((slot, cell.block), []).append((cell, delta))
         for (slot, block), deltas in grouped.items():
             fresh = self.zero(slot, block)
-            cells = {c for c, _ in deltas}
+            by_cell: dict = {}  # deltas to one cell sum in order (a view stays a view when alone)
+            for cell, delta in deltas:
+                by_cell[cell] = delta if cell not in by_cell else by_cell[cell] + delta
             full = Cell(block, (0,) * len(self.p.shapes[block]), self.p.shapes[block])
-            if fresh and len(cells) == len(deltas) and _tiles(cells, full):
-                self.fields[slot, block] = deltas  # first writes: their values, as views
+            if fresh and _tiles(set(by_cell), full):
+                self.fields[slot, block] = list(by_cell.items())  # first writes: their values, as views
                 continue
             total = torch.zeros(self.batch, *self.p.shapes[block], dtype=self.dtype, device=self.device)
-            for cell, delta in deltas:
+            for cell, delta in by_cell.items():
                 total[(slice(None),) + tuple(slice(l, h) for l, h in zip(cell.lo, cell.hi))] += delta
             self.fields[slot, block] = [(full, total if fresh else self.whole(slot, block) + total)]
+
+
+ZERO_AT_ZERO = ("identity", "relu", "bilinear")  # activations that map 0 to 0
 
 
 def _tiles(cells: set, full: Cell) -> bool:

@@ -86,7 +86,7 @@ class Construction(nn.Module):
         # The structured program reads the input blocks and returns the output blocks: the token
         # sequence (inputs, zeros elsewhere) is never packed whole.
         index = {b.name: i for i, b in enumerate(self.layout.blocks)}
-        inputs = {index[b.name]: a.expand(*batch_shape, *b.shape).reshape(-1, b.size)
+        inputs = {index[b.name]: _batch_first(a.expand(*batch_shape, *b.shape), len(b.shape))
                   for b, a in zip(self.layout.inputs, arrays)}
         outputs = program.forward(inputs, [index[b.name] for b in self.layout.outputs])
         results = [outputs[index[b.name]].reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
@@ -118,6 +118,14 @@ class Construction(nn.Module):
     def __repr__(self) -> str:
         """One line, like nn.MultiheadAttention's: sizes, depth, heads per layer (``describe()`` for more)."""
         return f"{self.kind}({self.extra_repr()}, tokens={self.encoder.length}, slots={self.encoder.stream_width})"
+
+
+def _batch_first(a: torch.Tensor, block_dims: int) -> torch.Tensor:
+    """(batch..., *block) -> (B, *block), a view where it can be (a shared weight keeps batch stride 0)."""
+    batch = a.shape[: a.dim() - block_dims]
+    if len(batch) == 1:
+        return a
+    return a.unsqueeze(0) if not batch else a.reshape(-1, *a.shape[a.dim() - block_dims:])
 
 
 def _slots_touched(encoder: Encoder, columns: list[torch.Tensor]) -> list[str]:
