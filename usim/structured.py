@@ -369,7 +369,8 @@ class _Run:
             for slot, terms, bias in step.out:
                 if dest is not None and not same and step.activation == "bilinear" and bias == 0 and \
                         len(terms) == 1 and terms[0][1] == 1 and not torch.compiler.is_compiling() and not (
-                            torch.is_grad_enabled() and any(t.requires_grad for t in pre)):  # in place: no copy
+                            torch.is_grad_enabled() and (dest[slot].requires_grad or
+                                                         any(t.requires_grad for t in pre))):  # in place: no copy
                     r = terms[0][0]
                     torch.mul(pre[r], pre[half + r], out=dest[slot][at])
                     continue
