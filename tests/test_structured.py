@@ -60,6 +60,16 @@ def test_factored_u_with_masks_equals_dense(seed):
         close(f, d, torch.float64)
 
 
+def test_batches_run_in_chunks_within_the_budget(monkeypatch, seed):
+    import usim.engine
+
+    u = usim.UniversalSimulator(3, 4, heads=2)
+    args = u_inputs(3, 4, 2, torch.float64, batch=7)
+    whole = u(*args)
+    monkeypatch.setattr(usim.engine, "CHUNK", 1)  # one sequence per chunk
+    assert torch.equal(u(*args), whole), seed
+
+
 def test_no_index_arrays_in_the_program():
     # A structured plan is a few integers per (head, query cell): no tensor as long as the sequence.
     u = usim.UniversalSimulator(6, 4, heads=2, head_dim=2)

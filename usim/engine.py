@@ -34,7 +34,10 @@ from usim.program import compile_encoder
 from usim.structured import NotStructured, compile_structured
 
 EXECUTIONS = ("fast", "dense")
-# About how many stream numbers one forward chunk holds (the batch is split to stay near this).
+# The memory budget of the fast execution, in stream numbers (128 MiB of float32): the batch runs in
+# chunks of as many sequences as keep one chunk's largest block (structured program) or its live
+# entries (per-token program) near this many numbers; a single sequence always runs whole. Set
+# usim.engine.CHUNK to trade memory for fewer, larger operations.
 CHUNK = 1 << 25
 
 

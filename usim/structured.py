@@ -149,7 +149,11 @@ class Program:
     layers: list  # per layer: (HeadSteps, FFNSteps)
     outputs: list  # [(block, slot)] computed blocks (the others return the input)
     structured: bool = True
-    size: int = 1  # stream numbers per sequence (for the engine's batch chunks: small, the steps stream)
+
+    @property
+    def size(self) -> int:
+        """Numbers per sequence of the largest block (the engine splits batches by it)."""
+        return max(math.prod(shape) for shape in self.shapes)
 
     def to(self, dtype, device) -> "Program":
         return self  # coefficients are Python numbers: cast by each operation

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from usim import engine
 from usim.engine import Encoder
 from usim.layout import Layout, tensor_problem
 
@@ -88,8 +89,13 @@ class Construction(nn.Module):
         index = {b.name: i for i, b in enumerate(self.layout.blocks)}
         inputs = {index[b.name]: _batch_first(a.expand(*batch_shape, *b.shape), len(b.shape))
                   for b, a in zip(self.layout.inputs, arrays)}
-        outputs = program.forward(inputs, [index[b.name] for b in self.layout.outputs])
-        results = [outputs[index[b.name]].reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
+        wanted = [index[b.name] for b in self.layout.outputs]
+        batch = next(iter(inputs.values())).shape[0]
+        rows = max(1, engine.CHUNK // program.size)  # the memory budget: see usim.engine.CHUNK
+        parts = [program.forward({i: t[start: start + rows] for i, t in inputs.items()}, wanted)
+                 for start in range(0, batch, rows)]
+        results = [(torch.cat([p[index[b.name]] for p in parts]) if len(parts) > 1 else parts[0][index[b.name]])
+                   .reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
         return results[0] if len(results) == 1 else tuple(results)
 
     def check_matrices(self, **tensors) -> None:
