@@ -83,7 +83,7 @@ def bert_part(args) -> dict:
         out["usim_warm_call_s"] = time.perf_counter() - start
         out["worst_cosine"] = (want * got).sum(-1).min().item()
         out["simulators"] = [{"queries": k[0], "keys": k[1], "heads": k[2], "kv_heads": k[3], "head_dim": k[4],
-                              "tokens": c.encoder.length, "depth": c.depth} for k, c in usim.hf._CORES.items()]
+                              "tokens": c.encoder.length, "depth": c.depth} for k, c in usim.hf.simulators().items()]
         ours, eager = hidden(model, batch, "usim"), hidden(model, batch, "eager")
         reference = hidden(copy.deepcopy(model).double(), batch, "sdpa")
         out["usim_err"], out["eager_err"] = ((h.double() - reference)[keep].abs().max().item() for h in (ours, eager))
@@ -104,7 +104,7 @@ def gpt2_part() -> dict:
     start = time.perf_counter()
     ours = model.generate(prompt, **settings)
     seconds = time.perf_counter() - start
-    buckets = sorted(k[:2] for k in usim.hf._CORES)
+    buckets = sorted(k[:2] for k in usim.hf.simulators())
     model.set_attn_implementation("eager")
     return {"prompt": 32, "new_tokens": 16, "usim_s": seconds, "same_tokens_as_eager":
             bool(torch.equal(ours, model.generate(prompt, **settings))), "buckets": buckets}

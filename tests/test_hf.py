@@ -52,7 +52,7 @@ def test_padded_batch_equals_eager(seed, kind):
     ids, mask = padded_batch(left=kind != "bert")
     usim.hf.clear_cache()
     ours, weights = run(model, "usim", ids, mask)
-    assert len(usim.hf._CORES) == 1, seed  # U ran, one U for every layer (7 tokens -> bucket 8)
+    assert len(usim.hf.simulators()) == 1, seed  # U ran, one U for every layer (7 tokens -> bucket 8)
     eager, eager_weights = run(model, "eager", ids, mask)
     # the truth: float64 sdpa (Llama's eager takes its softmax in float32), at the real tokens (eager
     # and sdpa treat the rows of padding queries differently; real tokens never read them)
@@ -77,7 +77,7 @@ def test_greedy_generate_with_cache_and_left_padding_equals_eager(seed, kind):
     model.set_attn_implementation("usim")
     ours = model.generate(ids, **settings)
     # the prompt (9 -> 16 queries and keys), then one query over 10..20 keys (buckets 16, 32)
-    assert sorted(key[:2] for key in usim.hf._CORES) == [(1, 16), (1, 32), (16, 16)], seed
+    assert sorted(key[:2] for key in usim.hf.simulators()) == [(1, 16), (1, 32), (16, 16)], seed
     model.set_attn_implementation("eager")
     assert torch.equal(ours, model.generate(ids, **settings)), seed
 
@@ -130,3 +130,15 @@ def test_masks_without_transformers_builder(seed):
     additive[..., 0, :] = float("-inf")  # a row masked by -inf: NaN, as eager
     out = usim_attention_forward(nn.Module(), q, k, v, additive, scaling=0.5)[0]
     assert torch.isnan(out[:, 0]).all() and torch.isfinite(out[:, 1:]).all(), seed
+
+
+def test_gradients_equal_eager(seed):
+    model = tiny("llama")
+    ids, mask = padded_batch()
+    grads = []
+    for impl in ("usim", "eager"):
+        model.zero_grad()
+        model.set_attn_implementation(impl)
+        model(input_ids=ids, attention_mask=mask).logits[mask.bool()].sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert len(grads[0]) == len(grads[1]) and (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max(), seed

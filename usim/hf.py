@@ -34,7 +34,7 @@ import torch
 
 from usim.ops.attention_core import AttentionCore
 
-__all__ = ["clear_cache", "core", "usim_attention_forward"]
+__all__ = ["clear_cache", "core", "simulators", "usim_attention_forward"]
 
 # kwargs transformers passes that need nothing from the kernel (the mask already carries the
 # sliding window and packed sequences; caches and positions were applied before the call)
@@ -58,6 +58,12 @@ def core(queries: int, keys: int, heads: int, kv_heads: int, head_dim: int) -> A
         if key not in _CORES:
             _CORES[key] = AttentionCore(key[0], key[1], heads=heads, head_dim=head_dim, kv_heads=kv_heads)
         return _CORES[key]
+
+
+def simulators() -> dict:
+    """The shared simulators built so far, by (query bucket, key bucket, heads, kv_heads, head_dim)."""
+    with _LOCK:
+        return dict(_CORES)
 
 
 def clear_cache() -> None:
