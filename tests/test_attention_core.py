@@ -87,6 +87,14 @@ def test_checkpoint_through_bare_encoder(seed, tmp_path):
     torch.testing.assert_close(out, reference(q, k, v, 0.7)[0], msg=f"seed {seed}")
 
 
+def test_dense_execution_agrees(seed):
+    fast = AttentionCore(2, 4, heads=2, head_dim=2, kv_heads=1)
+    dense = AttentionCore(2, 4, heads=2, head_dim=2, kv_heads=1, execution="dense")
+    q, k, v, ignore, bias = inputs(2, 2, 1, 2, 3, 2, torch.float64)
+    for a, b in zip(fast.attention(q, k, v, 0.5, ignore, bias), dense.attention(q, k, v, 0.5, ignore, bias)):
+        torch.testing.assert_close(a, b, rtol=4 * torch.finfo(torch.float64).eps, atol=1e-15, msg=f"seed {seed}")
+
+
 def test_bad_input():
     core = AttentionCore(4, 4, heads=2, head_dim=2)
     q, k = torch.randn(1, 2, 4, 2), torch.randn(1, 2, 4, 2)

@@ -21,6 +21,9 @@ def tiny(kind: str, **extra):
     elif kind == "llama":  # grouped-query heads (4 query, 2 key/value), RoPE, head_dim 32
         config = transformers.LlamaConfig(hidden_size=64, head_dim=32, num_attention_heads=4, num_key_value_heads=2,
                                           num_hidden_layers=2, intermediate_size=64, **common)
+    elif kind == "mistral":  # multi-query (4 query heads, 1 key/value head), a sliding window of 3
+        config = transformers.MistralConfig(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=1,
+                                            num_hidden_layers=2, intermediate_size=64, sliding_window=3, **common)
     else:
         config = transformers.BertConfig(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
                                          intermediate_size=64, max_position_embeddings=64, **common)
@@ -46,7 +49,7 @@ def run(model, impl, ids, mask):
     return getattr(out, "logits", getattr(out, "last_hidden_state", None)), out.attentions
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "mistral", "bert"])
 def test_padded_batch_equals_eager(seed, kind):
     model = tiny(kind)
     ids, mask = padded_batch(left=kind != "bert")
