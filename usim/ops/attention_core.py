@@ -21,7 +21,7 @@ The outputs are O_h and W_h (the attention weights, as eager attention returns t
 Built by ``usim.ops.pipeline`` (one token per product term): S is a matmul stage of 2 layers, Z
 another (term = S[i, j] * scaling[i]; the addend head brings bias[i, j]), the softmax 4 layers (with
 per-entry ignore flags and the scale multiplier), O 2 layers: depth 10. Each query head costs
-2 * n * m * r + n * m product terms (and n * (3 m + 1) input tokens). Grouped-query heads read their group's K and V blocks by
+2 * n * m * r + n * m product terms (its inputs: n * r + n * (3 m + 1) tokens). Grouped-query heads read their group's K and V blocks by
 address: the term tokens of head h name block k{g}, so nothing is copied and K, V are packed once.
 """
 
@@ -61,7 +61,9 @@ class AttentionCore(Construction):
 
     Smaller problems are padded (universality by padding): padded keys are ignored, padded query
     rows and head features dropped. Non-finite inputs are not checked: they propagate as in eager
-    attention (a NaN score makes its row NaN; a row whose every kept score is -inf gives NaN).
+    attention (a NaN score makes its row NaN; a row whose every kept score is -inf gives NaN). An
+    ignore flag subtracts 1e30 (usim.ops.softmax.MASKED) from its score before exp, so a row whose
+    kept scores all lie below about -1e30 is out of range (hf.py never makes one).
     """
 
     def __init__(self, n: int, m: int, heads: int = 1, head_dim: int = 1, kv_heads: int | None = None, *,
