@@ -4,7 +4,7 @@ from usim.checkpoint import load, save
 from usim.engine import Encoder
 from usim.layout import Block, Layout
 from usim.mha import SimulatedMultiheadAttention, simulate_attention
-from usim.ops import (Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
+from usim.ops import (AttentionCore, Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
                       SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
                       SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
 from usim.plot import plot  # matplotlib is imported only when a figure is drawn
@@ -12,7 +12,7 @@ from usim.progress import set_progress
 
 __version__ = "0.1.0"
 
-__all__ = ["Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
+__all__ = ["AttentionCore", "Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
            "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
            "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
            "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save", "set_progress", "simulate_attention"]

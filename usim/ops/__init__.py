@@ -1,5 +1,6 @@
 """One file per constructed operation; each registers itself for usim.load."""
 
+from usim.ops.attention_core import AttentionCore
 from usim.ops.base import Construction
 from usim.ops.determinant import Determinant
 from usim.ops.groupsort import GroupSort
@@ -16,6 +17,6 @@ from usim.ops.simulator import UniversalSimulator
 from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
-__all__ = ["Construction", "Determinant", "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU",
+__all__ = ["AttentionCore", "Construction", "Determinant", "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU",
            "SimulatedGroupSortNetwork", "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
            "Softmax", "Transpose", "UniversalSimulator"]
