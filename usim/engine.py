@@ -78,6 +78,7 @@ class HardAttention(nn.Module):
     def tiers(self) -> int:
         return self.query.shape[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _sparse(self, like: torch.Tensor):
         """(value read (H*d_v, R), read columns (R,), output (S, H*d_v), written columns (S,)):
         the value and output maps restricted to the stream columns they use."""
@@ -92,6 +93,7 @@ class HardAttention(nn.Module):
                                         _cast(output[writes], like), writes.to(like.device)))
         return self._sparse_cache[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _tier_reads(self, like: torch.Tensor):
         """Per (head, tier): (columns, query read, key read), restricted to the columns used."""
         key = (like.dtype, like.device, _versions(self))
@@ -198,6 +200,7 @@ class FFN(nn.Module):
     def hidden(self) -> int:
         return self.w_out.shape[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _sparse(self, like: torch.Tensor):
         """(w_in, b_in, read columns, w_out, b_out, written columns), restricted to the columns used."""
         key = (like.dtype, like.device, _versions(self))

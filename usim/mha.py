@@ -42,9 +42,10 @@ def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, kdim: int,
     key = (seq_len, d, heads, head_dim, kdim, vdim, execution)
     with _LOCK:
         simulator = _SIMULATORS.get(key)
-        if simulator is None:
-            simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
-                                           vdim=vdim, execution=execution)
+        if simulator is None:  # built out of inference mode: drop-ins that train share it too
+            with torch.inference_mode(False):
+                simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
+                                               vdim=vdim, execution=execution)
             _SIMULATORS[key] = simulator
         return simulator
 

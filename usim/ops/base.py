@@ -78,6 +78,11 @@ class Construction(nn.Module):
             for block, a in zip(self.layout.inputs, arrays):
                 if not torch.isfinite(a).all():
                     raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
+        if torch.is_inference_mode_enabled():
+            # Out of inference mode (autograd off): the plans, programs and caches built on this call are
+            # ordinary tensors, so the module (or another sharing its encoder) can be trained later.
+            with torch.inference_mode(False), torch.no_grad():
+                return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
         return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
 
     def check_matrices(self, **tensors) -> None:
