@@ -3,6 +3,10 @@
 1. Training after inference: a module called under ``torch.inference_mode()`` trains afterwards, as
    ``nn.MultiheadAttention`` does; so does another drop-in sharing its U, every op, and a simulated
    ``nn.TransformerEncoder`` evaluated first and fine-tuned then.
+3. Numerics at the edges: a masked (or padding) key takes no part in its row whatever its score;
+   NaN and inf in the drop-in's inputs reach the same outputs as in nn.MultiheadAttention (no
+   ValueError); no keys, or dropout 1.0, give the output bias; an integer key_padding_mask is a
+   TypeError naming its dtype.
 """
 
 import pytest
@@ -78,3 +82,102 @@ def test_transformer_encoder_evaluated_then_fine_tuned(seed):
             optimizer.step()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-4), (losses, seed)
+
+
+# --- 3. numerics at the edges ---------------------------------------------------------------------
+
+def _pair(dtype=torch.float32, embed_dim=8, heads=2, seq_len=6, **kwargs):
+    mha = nn.MultiheadAttention(embed_dim, heads, batch_first=True, dtype=dtype, **kwargs).eval()
+    return mha, SimulatedMultiheadAttention.from_torch(mha, seq_len=seq_len)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_keys_take_no_part_whatever_their_score(seed, dtype):
+    mha, sim = _pair(dtype)
+    x, key, value = (torch.randn(2, 5, 8, dtype=dtype) for _ in range(3))
+    key[:, 2] *= 1e32  # masked keys whose scores exceed the kept maximum by far more than 1e30
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[:, 2] = True
+    bias = torch.full((3, 3), -1e32, dtype=dtype)  # the U's padding keys (score 0) far above the kept ones
+    for args, kwargs in [((x, key, value), {"key_padding_mask": mask}), ((x[:, :3],) * 3, {"attn_mask": bias})]:
+        want, want_w = mha(*args, **kwargs)
+        got, got_w = sim(*args, **kwargs)
+        assert want.isfinite().all() and got.isfinite().all(), seed
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"seed={seed}")
+        torch.testing.assert_close(got_w, want_w, rtol=1e-4, atol=1e-5, msg=f"seed={seed}")
+
+
+def _same_nan(got, want, context):
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), context
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-5, msg=str(context))
+
+
+def test_nan_and_inf_reach_the_outputs_they_reach_in_mha(seed):
+    mha, sim = _pair()
+    x = torch.randn(2, 5, 8)
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[0, 1] = True
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        poisoned = x.clone()
+        poisoned[0, 1, 3] = bad  # token 1 of the first sequence
+        cases = {"self-attention": (poisoned,) * 3, "query only": (poisoned, x, x), "key only": (x, poisoned, x),
+                 "value only": (x, x, poisoned), "padded": (poisoned[:, :4],) * 3}
+        for name, args in cases.items():
+            for kwargs in ({}, {"key_padding_mask": mask[:, : args[1].shape[1]]}):
+                if name == "key only" and kwargs:
+                    continue  # a masked key's score takes no part here (README), in MHA it makes the row NaN
+                want, want_w = mha(*args, **kwargs)
+                got, got_w = sim(*args, **kwargs)
+                _same_nan(got, want, (name, bad, kwargs, seed))
+                _same_nan(got_w, want_w, (name, bad, kwargs, seed))
+        scores = torch.zeros(5, 5)
+        scores[2, 3] = bad  # in a float attn_mask
+        _same_nan(sim(x, x, x, attn_mask=scores)[0], mha(x, x, x, attn_mask=scores)[0], (bad, seed))
+
+
+def test_nan_through_simulate_attention_and_the_bert_adapter(seed):
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True).eval()
+    x = torch.randn(3, 4, 8)
+    x[1, 2, 0] = float("nan")
+    with torch.no_grad():
+        _same_nan(usim.simulate_attention(layer, seq_len=4)(x), layer(x), seed)
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1, intermediate_size=16,
+                                     vocab_size=20, max_position_embeddings=8)
+    block = transformers.BertModel(config).eval().encoder.layer[0].attention
+    from usim.bert import SimulatedBertAttention
+
+    with torch.no_grad():
+        _same_nan(SimulatedBertAttention(block, seq_len=4)(x)[0], block(x)[0], seed)
+
+
+def test_no_keys_and_full_dropout_give_the_output_bias(seed):
+    mha, sim = _pair()
+    nn.init.normal_(mha.out_proj.bias)
+    sim.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 5, 8)
+    for module in (mha, sim):
+        out, weights = module(x, x[:, :0], x[:, :0])
+        assert weights.shape == (2, 5, 0), seed
+        torch.testing.assert_close(out, mha.out_proj.bias.expand(2, 5, 8), msg=f"seed={seed}")
+        module.train()
+        module.dropout = 1.0
+        out, weights = module(x, x, x)
+        torch.testing.assert_close(out, mha.out_proj.bias.expand(2, 5, 8), msg=f"seed={seed}")
+        assert torch.equal(weights, torch.zeros(2, 5, 5)), seed
+    empty = sim(x[:, :0], x, x)  # no queries: empty outputs, as MHA
+    assert empty[0].shape == (2, 0, 8) and empty[1].shape == (2, 0, 5)
+
+
+def test_key_padding_masks_of_every_dtype(seed):
+    mha, sim = _pair()
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(TypeError, match="torch.int64"):
+        sim(x, x, x, key_padding_mask=torch.zeros(2, 5, dtype=torch.long))
+    additive = torch.randn(2, 5)  # a float mask is added to the scores, as MHA adds it
+    additive[0, 3] = float("-inf")
+    for attn_mask in (None, torch.rand(5, 5) < 0.3, torch.randn(5, 5)):
+        want, _ = mha(x, x, x, key_padding_mask=additive, attn_mask=attn_mask)
+        got, _ = sim(x, x, x, key_padding_mask=additive, attn_mask=attn_mask)
+        _same_nan(got, want, seed)

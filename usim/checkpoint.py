@@ -32,7 +32,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from usim.activations import ACTIVATIONS
 from usim.engine import FFN, Encoder, EncoderLayer, HardAttention
@@ -115,7 +115,28 @@ def save(module, path) -> None:
         "usim.layers": json.dumps(layer_specs(encoder)),
     }
     metadata[DIGEST] = digest(tensors, metadata)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    _write(path, tensors, metadata)
+
+
+def _write(path, tensors: dict, metadata: dict) -> None:
+    """The safetensors file, byte for byte the same for the same module: safetensors writes its
+    metadata map in hash order, so the header is written again with the metadata keys sorted (the
+    tensors' offsets do not change; the header is padded with spaces to 8 bytes, as the format says).
+    OSError naming the path when it cannot be written (a directory, a missing folder)."""
+    data = safetensors_bytes(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"cannot save to {target!r}: it is a directory (give a file name)")
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {target!r}: folder {folder!r} does not exist")
+    with open(target, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data[8 + size:])
 
 
 DROP_IN = "SimulatedMultiheadAttention"
@@ -134,7 +155,7 @@ def _save_drop_in(module, path) -> None:
             raise ValueError(f"cannot save: tensor {name!r} holds NaN or infinite values")
     metadata = {"usim.format": FORMAT_VERSION, "usim.module": json.dumps({"kind": DROP_IN, "args": args})}
     metadata[DIGEST] = digest(tensors, metadata)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    _write(path, tensors, metadata)
 
 
 def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execution: str):

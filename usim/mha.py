@@ -209,6 +209,9 @@ class SimulatedMultiheadAttention(nn.Module):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query {tuple(query.shape)}")
         mask = self._key_mask(key_padding_mask, k, unbatched)
         scores_mask = self._attn_mask(attn_mask, x.shape[0], x.shape[1], k.shape[1])
+        if mask is not None and mask.is_floating_point():  # added to every score of its key, as MHA does
+            scores_mask = self._merged(mask, scores_mask, x.shape[1])
+            mask = None
         if self.has_bias:
             x, k, v = (torch.cat([t, torch.ones_like(t[..., :1])], dim=-1) for t in (x, k, v))
         wq, wk, wv, wo, bo = (t.to(x.device) for t in self.folded(x.dtype))
@@ -216,10 +219,10 @@ class SimulatedMultiheadAttention(nn.Module):
         scale = None
         if self.training and self.dropout > 0:  # as MHA: dropout on the weights, kept ones scaled by 1/(1-p)
             keep = torch.rand(x.shape[0], self.num_heads, x.shape[1], k.shape[1], device=x.device) >= self.dropout
-            scale = keep.to(x.dtype) / (1 - self.dropout)
+            scale = keep.to(x.dtype) / (1 - self.dropout) if self.dropout < 1 else torch.zeros_like(keep, dtype=x.dtype)
         out, weights = self.simulator.attention(x, wq, wk, wv, wo, key=None if self_attention else k,
                                                 value=None if self_attention else v, key_padding_mask=mask,
-                                                attn_mask=scores_mask, bo=bo, weight_scale=scale)
+                                                attn_mask=scores_mask, bo=bo, weight_scale=scale, finite=False)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)
@@ -252,11 +255,20 @@ class SimulatedMultiheadAttention(nn.Module):
             mask = mask[None]
         if mask.shape != x.shape[:2]:
             raise ValueError(f"key_padding_mask must be (N, S) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-        if mask.dtype == torch.bool:
-            return mask
-        if torch.is_floating_point(mask) and bool(((mask == 0) | (mask == float("-inf"))).all()):
-            return mask == float("-inf")
-        raise NotImplementedError("a float key_padding_mask is simulated only with values 0 and -inf")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"key_padding_mask must be bool (True = ignore the key) or floating (added to the "
+                            f"scores), got {mask.dtype}")
+        return mask
+
+    def _merged(self, key_mask, attn_mask, length):
+        """A float key_padding_mask (N, S) added to attn_mask (bool or float, (L, S) or (N, H, L, S)),
+        as nn.MultiheadAttention adds them: (N, num_heads, L, S) float, -inf = left out."""
+        bias = key_mask[:, None, None, :].expand(-1, self.num_heads, length, -1)
+        if attn_mask is None:
+            return bias
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(attn_mask, float("-inf"))
+        return bias + attn_mask.to(bias.dtype)
 
 
 def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
