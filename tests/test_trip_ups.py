@@ -3,11 +3,17 @@
 1. Training after inference: a module called under ``torch.inference_mode()`` trains afterwards, as
    ``nn.MultiheadAttention`` does; so does another drop-in sharing its U, every op, and a simulated
    ``nn.TransformerEncoder`` evaluated first and fine-tuned then.
+2. ``simulate_attention`` on real model graphs: a module reached under two names or from two
+   parents stays one (shared) drop-in, weights tied between modules stay tied, frozen ones frozen;
+   an ``nn.MultiheadAttention`` subclass with its own forward is a ValueError naming it; TorchScript
+   modules a TypeError.
 3. Numerics at the edges: a masked (or padding) key takes no part in its row whatever its score;
    NaN and inf in the drop-in's inputs reach the same outputs as in nn.MultiheadAttention (no
    ValueError); no keys, or dropout 1.0, give the output bias; an integer key_padding_mask is a
    TypeError naming its dtype.
 """
+
+import warnings
 
 import pytest
 import torch
@@ -82,6 +88,82 @@ def test_transformer_encoder_evaluated_then_fine_tuned(seed):
             optimizer.step()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-4), (losses, seed)
+
+
+# --- 2. simulate_attention on real model graphs -----------------------------------------------------
+
+class _Graph(nn.Module):
+    """One MHA under two names and in two parents; a second MHA whose input projection and out_proj
+    are tied to the first's; a frozen third."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.alias = self.first
+        self.parents = nn.ModuleList([nn.ModuleDict({"attn": self.first}), nn.ModuleDict({"attn": self.first})])
+        self.tied = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.tied.in_proj_weight = self.first.in_proj_weight
+        self.tied.out_proj = self.first.out_proj
+        self.frozen = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.frozen.requires_grad_(False)
+
+    def forward(self, x):
+        for attn in (self.first, self.alias, self.parents[0]["attn"], self.parents[1]["attn"], self.tied, self.frozen):
+            x = x + attn(x, x, x)[0]
+        return x
+
+
+def test_shared_tied_and_frozen_modules_stay_so(seed):
+    model = _Graph()
+    simulated = usim.simulate_attention(model, seq_len=4)
+    assert sum(isinstance(m, nn.MultiheadAttention) for m in simulated.modules()) == 0, seed
+    assert simulated.first is simulated.alias is simulated.parents[0]["attn"] is simulated.parents[1]["attn"]
+    assert simulated.tied.in_proj_weight is simulated.first.in_proj_weight
+    assert [n for n, _ in simulated.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [p.requires_grad for p in simulated.parameters()] == [p.requires_grad for p in model.parameters()]
+    frozen = {k: v.clone() for k, v in simulated.frozen.state_dict().items()}
+    x, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    outputs = []
+    for m in (model, simulated):
+        optimizer = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.02)
+        for _ in range(2):
+            optimizer.zero_grad()
+            (m(x) - target).square().mean().backward()
+            optimizer.step()
+        outputs.append(m(x).detach())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-4, atol=1e-4, msg=f"seed={seed}")
+    assert all(torch.equal(v, simulated.frozen.state_dict()[k]) for k, v in frozen.items()), seed
+
+
+def test_modules_simulate_attention_refuses(seed):
+    class OwnForward(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query, key, value, **kwargs)
+
+    class SameForward(nn.MultiheadAttention):
+        pass
+
+    model = nn.ModuleDict({"plain": SameForward(8, 2), "custom": OwnForward(8, 2)})
+    with pytest.raises(ValueError, match="custom is a .*OwnForward"):
+        usim.simulate_attention(model, seq_len=3)
+    assert isinstance(model["custom"], OwnForward)  # nothing replaced
+    assert isinstance(usim.simulate_attention(model["plain"], seq_len=3), SimulatedMultiheadAttention)
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+        def forward(self, x):
+            return self.attn(x, x, x)[0]
+
+    x = torch.randn(3, 1, 8)
+    with warnings.catch_warnings():  # TorchScript's deprecation notices
+        warnings.simplefilter("ignore")
+        scripted, traced = torch.jit.script(Wrapper()), torch.jit.trace(Wrapper(), x)
+    for compiled, path in ((scripted, "the model"), (traced, "the model"), (nn.Sequential(traced), "0")):
+        with pytest.raises(TypeError, match=f"{path} is a TorchScript module"):
+            usim.simulate_attention(compiled, seq_len=3)
 
 
 # --- 3. numerics at the edges ---------------------------------------------------------------------

@@ -136,8 +136,11 @@ class SimulatedMultiheadAttention(nn.Module):
                                 self.kdim + extra, self.vdim + extra, mode))
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast") -> "SimulatedMultiheadAttention":
-        """Copy the weights of an existing ``nn.MultiheadAttention`` (packed q/k/v projections)."""
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast", *,
+                   share: bool = False) -> "SimulatedMultiheadAttention":
+        """The drop-in for an existing ``nn.MultiheadAttention``: a copy of its weights (with their
+        ``requires_grad``), or with ``share=True`` its very Parameters and ``out_proj`` module, so
+        that weights tied to other modules stay tied and frozen ones stay frozen."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
         if mha.bias_k is not None or mha.add_zero_attn:
@@ -147,7 +150,15 @@ class SimulatedMultiheadAttention(nn.Module):
                   vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
         sim.dropout = mha.dropout
         sim.train(mha.training)
+        if share:
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+                if getattr(sim, name) is not None:
+                    setattr(sim, name, getattr(mha, name))
+            sim.out_proj = mha.out_proj
+            return sim
         sim.load_state_dict(mha.state_dict(), strict=True)
+        for mine, theirs in zip(sim.parameters(), mha.parameters()):
+            mine.requires_grad_(theirs.requires_grad)
         return sim
 
     def folded(self, dtype=torch.float64):
@@ -273,22 +284,42 @@ class SimulatedMultiheadAttention(nn.Module):
 
 def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
     """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
-    ``SimulatedMultiheadAttention`` (same weights, U built for sequences up to ``seq_len``).
+    ``SimulatedMultiheadAttention`` (U built for sequences up to ``seq_len``).
 
-    A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
+    A deep copy unless ``inplace``. Each drop-in holds the replaced module's own Parameters and
+    ``out_proj``, so tied weights stay tied and frozen ones (``requires_grad=False``) stay frozen; a
+    module reachable under several names or from several parents becomes one drop-in, shared the same
+    way. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
     ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` with their default arguments in eval mode
     (PyTorch's fused fast path steps aside, so the simulator really runs), with attention masks,
-    cross-attention, and dropout on the attention weights in training mode."""
+    cross-attention, and dropout on the attention weights in training mode.
+
+    Raises ValueError for a subclass of ``nn.MultiheadAttention`` with its own ``forward`` (its
+    computation may differ: nothing is replaced), naming it; TypeError for TorchScript (scripted or
+    traced) modules, which cannot be changed: simulate the eager model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_size("seq_len", seq_len)
-    if isinstance(model, nn.MultiheadAttention):
-        return SimulatedMultiheadAttention.from_torch(model, seq_len, execution=execution)
+    found = list(model.named_modules())
+    for path, module in found:
+        if isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(f"{path or 'the model'} is a TorchScript module ({type(module).__name__}): its "
+                            "attention cannot be replaced; pass the eager model (script it afterwards, if at all)")
+        if isinstance(module, nn.MultiheadAttention) and type(module).forward is not nn.MultiheadAttention.forward:
+            raise ValueError(f"{path or 'the model'} is a {type(module).__qualname__}, a subclass of "
+                             "nn.MultiheadAttention with its own forward: not simulated (its computation may "
+                             "differ); nothing was replaced")
     model = model if inplace else copy.deepcopy(model)
+    if isinstance(model, nn.MultiheadAttention):
+        return SimulatedMultiheadAttention.from_torch(model, seq_len, execution=execution, share=True)
+    drop_ins: dict = {}  # id of the replaced module -> its drop-in (one per module, however reached)
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # every name: named_children() skips aliases
             if isinstance(child, nn.MultiheadAttention):
-                setattr(module, name, SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution))
+                if id(child) not in drop_ins:
+                    drop_ins[id(child)] = SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution,
+                                                                                 share=True)
+                setattr(module, name, drop_ins[id(child)])
         if getattr(module, "use_nested_tensor", False):  # nn.TransformerEncoder decided this with MHA inside:
             module.use_nested_tensor = False  # nested tensors would skip the layers' attention modules
     return model
