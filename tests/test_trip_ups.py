@@ -11,6 +11,9 @@
    NaN and inf in the drop-in's inputs reach the same outputs as in nn.MultiheadAttention (no
    ValueError); no keys, or dropout 1.0, give the output bias; an integer key_padding_mask is a
    TypeError naming its dtype.
+4. Checkpoints: a float64 drop-in comes back float64; saving to a folder or into a missing one is an
+   OSError naming the path; ``verify=False`` still checks sizes against the tensors before it
+   allocates; the same module always writes the same bytes (the shipped files are what export writes).
 """
 
 import warnings
@@ -263,3 +266,49 @@ def test_key_padding_masks_of_every_dtype(seed):
         want, _ = mha(x, x, x, key_padding_mask=additive, attn_mask=attn_mask)
         got, _ = sim(x, x, x, key_padding_mask=additive, attn_mask=attn_mask)
         _same_nan(got, want, seed)
+
+
+# --- 4. checkpoints -------------------------------------------------------------------------------
+
+def test_drop_in_checkpoint_keeps_its_dtype_and_bad_paths_are_named(seed, tmp_path):
+    sim = SimulatedMultiheadAttention(8, 2, seq_len=3, dtype=torch.float64)
+    usim.save(sim, tmp_path / "d.safetensors")
+    back = usim.load(tmp_path / "d.safetensors")
+    x = torch.randn(3, 1, 8, dtype=torch.float64)
+    assert back.in_proj_weight.dtype == torch.float64 and torch.equal(back(x, x, x)[0], sim(x, x, x)[0]), seed
+    for module in (sim, usim.Transpose(2, 3)):
+        with pytest.raises(OSError, match="is a directory"):
+            usim.save(module, tmp_path)
+        with pytest.raises(OSError, match="does not exist"):
+            usim.save(module, tmp_path / "missing" / "x.safetensors")
+
+
+def test_verify_false_checks_sizes_before_allocating(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "d.safetensors"
+    usim.save(SimulatedMultiheadAttention(8, 2, seq_len=3), path)
+    metadata = safe_open(path, "pt").metadata()
+    module = json.loads(metadata["usim.module"])
+    module["args"]["embed_dim"] = 1 << 20  # 4 TB of weights, were they allocated
+    metadata["usim.module"] = json.dumps(module)
+    save_file(load_file(path), tmp_path / "lie.safetensors", metadata=metadata)
+    with pytest.raises(ValueError, match="does not fit"):
+        usim.load(tmp_path / "lie.safetensors", verify=False)
+
+
+def test_export_is_deterministic(tmp_path):
+    from pathlib import Path
+
+    from usim.export import shipped
+
+    shipped_dir = Path(__file__).resolve().parents[1] / "checkpoints"
+    for stem in ("transpose_4x4", "softmax_4x4", "u_n3_d3_h1"):
+        module = shipped()[stem]()
+        usim.save(module, tmp_path / "a.safetensors")
+        usim.save(shipped()[stem](), tmp_path / "b.safetensors")
+        written = (tmp_path / "a.safetensors").read_bytes()
+        assert written == (tmp_path / "b.safetensors").read_bytes() == (shipped_dir / f"{stem}.safetensors").read_bytes()

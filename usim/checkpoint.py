@@ -175,21 +175,40 @@ def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execut
         raise ValueError(f"{path}: 'usim.module' args.dropout must be a number in [0, 1), got {_short(args['dropout'])}")
     if verify:
         _verify_digest(metadata, tensors, path)
+    if args["embed_dim"] % args["num_heads"]:
+        raise ValueError(f"{path}: 'usim.module' args.embed_dim {args['embed_dim']} is not divisible by "
+                         f"num_heads {args['num_heads']}")
+    # The tensors first (with verify=False too): nothing is allocated for sizes the file does not hold.
+    expected = _drop_in_shapes(args)
+    dtypes = {t.dtype for t in tensors.values()}
+    for name in sorted(set(expected) | set(tensors)):
+        t, want = tensors.get(name), expected.get(name)
+        if t is None or want is None or tuple(t.shape) != want or not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} {tuple(t.shape) if t is not None else '(missing)'} does not "
+                             f"fit a {DROP_IN} of these sizes (expected {want if want else 'no such tensor'})")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    if len(dtypes) != 1:
+        raise ValueError(f"{path}: the tensors of a {DROP_IN} must share one dtype, got {sorted(map(str, dtypes))}")
     dropout = args.pop("dropout")
     try:
-        drop_in = SimulatedMultiheadAttention(**args, execution=execution)
+        drop_in = SimulatedMultiheadAttention(**args, execution=execution, dtype=dtypes.pop())
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'usim.module' args do not make a {DROP_IN}: {e}") from None
     drop_in.dropout = float(dropout)
-    expected = drop_in.state_dict()
-    for name in sorted(set(expected) | set(tensors)):
-        t, want = tensors.get(name), expected.get(name)
-        if t is None or want is None or t.shape != want.shape or not t.is_floating_point():
-            raise ValueError(f"{path}: tensor {name!r} does not fit a {DROP_IN} of these sizes")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
-    drop_in.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    drop_in.load_state_dict(tensors, strict=True)
     return drop_in
+
+
+def _drop_in_shapes(args: dict) -> dict:
+    """The state_dict shapes of a drop-in (as nn.MultiheadAttention's) from its recorded sizes."""
+    e, k, v = args["embed_dim"], args["kdim"], args["vdim"]
+    shapes = {"in_proj_weight": (3 * e, e)} if k == v == e else \
+        {"q_proj_weight": (e, e), "k_proj_weight": (e, k), "v_proj_weight": (e, v)}
+    shapes["out_proj.weight"] = (e, e)
+    if args["bias"]:
+        shapes.update({"in_proj_bias": (3 * e,), "out_proj.bias": (e,)})
+    return shapes
 
 
 # --- reading and validating ----------------------------------------------------------------------
