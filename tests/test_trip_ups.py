@@ -14,6 +14,8 @@
 4. Checkpoints: a float64 drop-in comes back float64; saving to a folder or into a missing one is an
    OSError naming the path; ``verify=False`` still checks sizes against the tensors before it
    allocates; the same module always writes the same bytes (the shipped files are what export writes).
+5. The command line answers bad options and unusual files with one line and a nonzero status, never
+   a traceback, and names the file it really wrote.
 """
 
 import warnings
@@ -312,3 +314,45 @@ def test_export_is_deterministic(tmp_path):
         usim.save(shipped()[stem](), tmp_path / "b.safetensors")
         written = (tmp_path / "a.safetensors").read_bytes()
         assert written == (tmp_path / "b.safetensors").read_bytes() == (shipped_dir / f"{stem}.safetensors").read_bytes()
+
+
+# --- 5. the command line --------------------------------------------------------------------------
+
+def _cli(capfd, *argv):
+    from usim.__main__ import main
+
+    try:
+        status = main(list(argv))
+    except SystemExit as done:  # argparse's own errors
+        status = done.code
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, argv
+    return status, out + err
+
+
+def test_cli_answers_without_tracebacks(capfd, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, message in [(["demo", "--heads", "3", "--no-picture"], "--embed-dim 4 must be divisible by --heads 3"),
+                          (["demo", "--batch", "0", "--no-picture"], "--batch must be at least 1, got 0"),
+                          (["demo", "--batch", "-1", "--no-picture"], "--batch must be at least 1, got -1"),
+                          (["export", "taken"], "taken is a file"),
+                          (["show", "transpose", "2", "--layers", "3"], "has layers 1..1"),
+                          (["bench", "--orders", "0"], "must be at least 1")]:
+        (tmp_path / "taken").write_text("")
+        status, text = _cli(capfd, *argv)
+        assert status != 0 and message in text, (argv, text)
+    usim.save(SimulatedMultiheadAttention(4, 2, seq_len=2), "drop_in.safetensors")
+    status, text = _cli(capfd, "describe", "drop_in.safetensors")
+    assert status == 0 and "SimulatedMultiheadAttention" in text and "UniversalSimulator(n=2" in text, text
+
+
+def test_cli_show_names_the_file_it_wrote(capfd, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    for out, written in (("adir", "adir.png"), ("noext", "noext.png"), ("t.png", "t.png")):
+        status, text = _cli(capfd, "show", "transpose", "2", "--out", out)
+        assert status == 0 and f"wrote {written} " in text and (tmp_path / written).is_file(), text
+    usim.save(SimulatedMultiheadAttention(4, 2, seq_len=2), "drop_in.safetensors")
+    status, text = _cli(capfd, "show", "drop_in.safetensors", "--out", "u.png")
+    assert status == 0 and "wrote u.png (UniversalSimulator" in text and (tmp_path / "u.png").is_file(), text
