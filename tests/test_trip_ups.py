@@ -127,6 +127,8 @@ def test_shared_tied_and_frozen_modules_stay_so(seed):
     assert simulated.tied.in_proj_weight is simulated.first.in_proj_weight
     assert [n for n, _ in simulated.named_parameters()] == [n for n, _ in model.named_parameters()]
     assert [p.requires_grad for p in simulated.parameters()] == [p.requires_grad for p in model.parameters()]
+    copied = SimulatedMultiheadAttention.from_torch(model.frozen, seq_len=4)  # a copy keeps requires_grad too
+    assert not any(p.requires_grad for p in copied.parameters()), seed
     frozen = {k: v.clone() for k, v in simulated.frozen.state_dict().items()}
     x, target = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
     outputs = []

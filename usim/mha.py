@@ -157,8 +157,9 @@ class SimulatedMultiheadAttention(nn.Module):
             sim.out_proj = mha.out_proj
             return sim
         sim.load_state_dict(mha.state_dict(), strict=True)
-        for mine, theirs in zip(sim.parameters(), mha.parameters()):
-            mine.requires_grad_(theirs.requires_grad)
+        theirs = dict(mha.named_parameters())
+        for name, p in sim.named_parameters():
+            p.requires_grad_(theirs[name].requires_grad)
         return sim
 
     def folded(self, dtype=torch.float64):
