@@ -77,6 +77,10 @@ class SimulatedMultiheadAttention(nn.Module):
         kdim, vdim: Total number of features for keys and values. Default: ``embed_dim``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
         execution: ``"fast"`` (default) or ``"dense"``, the simulator's execution (see ``usim.Encoder``).
+
+    NaN and inf in the inputs are not refused: they reach the outputs they reach in
+    nn.MultiheadAttention (no host sync looks for them), except that a masked key's score takes no
+    part at all, whatever it is.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, kdim: int | None = None,
