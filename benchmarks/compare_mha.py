@@ -11,10 +11,14 @@ For each order n = d, in a fresh subprocess (so that its peak memory is its own)
   timed calls after a warm-up; its max error against a float64 reference;
 * the direct computation softmax(x a xᵀ)(x v) and nn.MultiheadAttention(d, 1), timed the same way,
   with their own float32 error against float64;
-* the drop-in usim.SimulatedMultiheadAttention.from_torch(mha) (up to --drop-in-max), against mha.
+* the drop-in usim.SimulatedMultiheadAttention.from_torch(mha) (up to --drop-in-max), against mha;
+* the *term floor*: the same attention in plain torch with every product term formed (a broadcast
+  multiply of the two operands, the term axis last, then a sum over it; the work U's construction
+  does), timed in the same process; every row's "× floor" is its time over it.
 
 Writes <out>/<device>.json, .csv, .md (the table quoted in README) and .png (when matplotlib is
-installed). Peak memory: CUDA, torch.cuda.max_memory_allocated; CPU, the subprocess's maximum
+installed); <out> is benchmarks/results for a full run (no --quick, no --orders) and
+benchmarks/results/partial otherwise, unless --out is given. Exits 1 when an order failed. Peak memory: CUDA, torch.cuda.max_memory_allocated; CPU, the subprocess's maximum
 resident set (ru_maxrss, including the ~0.3 GB of the Python + torch process itself).
 """
 
@@ -58,6 +62,15 @@ def direct(x, a, v):
     return torch.softmax(x @ a @ x.transpose(-1, -2), -1) @ (x @ v)
 
 
+def term_floor(x, a, v):
+    """softmax(x a x^T)(x v) with every product term formed, the term axis last."""
+    xa = (x[..., :, None, :] * a.T).sum(-1)
+    xv = (x[..., :, None, :] * v.T).sum(-1)
+    s = (xa[..., :, None, :] * x[..., None, :, :]).sum(-1)
+    p = torch.softmax(s, -1)
+    return (p[..., :, None, :] * xv.transpose(-1, -2)[..., None, :, :]).sum(-1)
+
+
 def one(order: int, args) -> list[dict]:
     """All rows of one order (run inside a subprocess)."""
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -77,6 +90,8 @@ def one(order: int, args) -> list[dict]:
 
     direct_time = timed(lambda: direct(x, a, v), device, args.repeats)
     rows.append({**base, "method": "direct", "time_s": direct_time, "max_err": error(direct(x, a, v))})
+    floor_time = timed(lambda: term_floor(x, a, v), device, args.repeats)
+    rows.append({**base, "method": "term floor", "time_s": floor_time, "max_err": error(term_floor(x, a, v))})
 
     mha = torch.nn.MultiheadAttention(d, 1, batch_first=True).to(device=device, dtype=dtype).eval()
     mha64 = torch.nn.MultiheadAttention(d, 1, batch_first=True).to(device=device, dtype=torch.float64).eval()
@@ -128,6 +143,7 @@ def one(order: int, args) -> list[dict]:
     for row in rows:
         row["ratio_direct"] = round(row["time_s"] / direct_time, 2)
         row["ratio_mha"] = round(row["time_s"] / mha_time, 2)
+        row["ratio_floor"] = round(row["time_s"] / floor_time, 2)
     return rows
 
 
@@ -165,15 +181,15 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     head = (f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads, "
             f"batch {meta['batch']}, {meta['dtype']}; time = median of {meta['repeats']} calls")
     lines = [head, "",
-             "| n = d | method | time (ms) | × direct | × nn.MHA | max error | build (s) | first call (s) | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| n = d | method | time (ms) | × direct | × nn.MHA | × floor | max error | build (s) | first call (s) "
+             "| peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status", "ok") != "ok":
-            lines.append(f"| {r['order']} | {r['method']} | {r['status']} | | | | | | |")
+            lines.append(f"| {r['order']} | {r['method']} | {r['status']} | | | | | | | |")
             continue
         seconds = {k: f"{r[k]:.3g}" if k in r else "" for k in ("build_s", "first_call_s")}
         lines.append(f"| {r['order']} | {r['method']} | {1e3 * r['time_s']:.3g} | {r.get('ratio_direct', '')} | "
-                     f"{r.get('ratio_mha', '')} | {r['max_err']:.2e} | {seconds['build_s']} | "
+                     f"{r.get('ratio_mha', '')} | {r.get('ratio_floor', '')} | {r['max_err']:.2e} | {seconds['build_s']} | "
                      f"{seconds['first_call_s']} | {r['peak_mem_mb']} |")
     return "\n".join(lines)
 
@@ -218,19 +234,41 @@ def plot(rows: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
+def results_folder(out, full: bool) -> Path:
+    """Where the results go: --out if given; else benchmarks/results for a full run, and
+    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
+    replace the committed results."""
+    if out is not None:
+        return Path(out)
+    folder = Path(__file__).resolve().parent / "results"
+    if not full:
+        folder = folder / "partial"
+        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
+              "--out DIR to choose)", flush=True)
+    return folder
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--orders", type=int, nargs="+")
-    parser.add_argument("--batch", type=int)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--orders", type=positive, nargs="+")
+    parser.add_argument("--batch", type=positive)
+    parser.add_argument("--repeats", type=positive, default=5)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--dense-max", type=int, default=4, help="largest order run with execution='dense'")
     parser.add_argument("--drop-in-max", type=int, default=16, help="largest order run through the drop-in")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per order (subprocess)")
     parser.add_argument("--quick", action="store_true", help="orders 2 and 4, 3 repeats")
     parser.add_argument("--minilm", action="store_true", help="also try the 384-wide, 12-head drop-in")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--out", help="results folder (default: benchmarks/results for a full run, "
+                                      "benchmarks/results/partial for --quick or --orders)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-minilm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,6 +282,7 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device")
+    full = not args.quick and args.orders is None
     if args.quick:
         args.orders, args.repeats = args.orders or [2, 4], 3
     orders = args.orders or ([4, 8, 16, 32, 64] if args.device == "cpu" else [4, 8, 16, 32, 64])
@@ -260,7 +299,7 @@ def main() -> None:
             (platform.processor() or platform.machine()) + f" ({os.cpu_count()} cores)",
             "threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats,
             "growth_exponent_U_fast": growth(rows, "U fast"), "growth_exponent_direct": growth(rows, "direct")}
-    out = Path(args.out)
+    out = results_folder(args.out, full)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.device}{'' if args.dtype == 'float32' else '_' + args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -275,6 +314,9 @@ def main() -> None:
     stem.with_suffix(".md").write_text(table + "\n")
     print(table)
     plot(rows, stem.with_suffix(".png"))
+    failed = [f"{r['order']} ({r['method']}): {r['status']}" for r in rows if r.get("status", "ok") != "ok"]
+    if failed:
+        sys.exit(f"failed: {'; '.join(failed)}")
 
 
 if __name__ == "__main__":

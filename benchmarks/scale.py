@@ -12,7 +12,9 @@ the term axis last, then a sum over it), the work U's construction does.
     python benchmarks/scale.py                      # every case below, results in benchmarks/results/
     python benchmarks/scale.py --cases dropin-64x8  # some of them
 
-Results: benchmarks/results/scale.{json,md}.
+Results: benchmarks/results/scale.{json,md} for a run of every case; a run of some cases writes
+benchmarks/results/partial/scale.{json,md} (--out DIR to choose), so it never replaces the committed
+results. The largest case needs about 4 GB and half a minute.
 """
 
 from __future__ import annotations
@@ -141,12 +143,27 @@ def run_case(name: str, repeats: int) -> dict:
     }
 
 
+def results_folder(out, full: bool) -> Path:
+    """Where the results go: --out if given; else benchmarks/results for a full run, and
+    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
+    replace the committed results."""
+    if out is not None:
+        return Path(out)
+    folder = Path(__file__).resolve().parent / "results"
+    if not full:
+        folder = folder / "partial"
+        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
+              "--out DIR to choose)", flush=True)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls per case (median reported)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case before it is reported as failed")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="folder for scale.{json,md}")
+    parser.add_argument("--out", help="folder for scale.{json,md} (default: benchmarks/results for every case, "
+                                      "benchmarks/results/partial for some)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per case")
     parser.add_argument("--no-thp", action="store_true",
                         help="leave PyTorch's CPU allocator without transparent huge pages (THP_MEM_ALLOC_ENABLE)")
@@ -178,7 +195,7 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
             "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
             "THP_MEM_ALLOC_ENABLE": not args.no_thp, "load average": os.getloadavg()}
-    out = Path(args.out)
+    out = results_folder(args.out, sorted(args.cases) == sorted(CASES))
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",

@@ -15,7 +15,8 @@ def test_quick_run_writes_results(tmp_path):
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "cpu.json").read_text())
     methods = {r["method"]: r for r in data["rows"]}
-    assert {"direct", "nn.MultiheadAttention", "U fast", "U dense", "drop-in"} <= set(methods)
+    assert {"direct", "term floor", "nn.MultiheadAttention", "U fast", "U dense", "drop-in"} <= set(methods)
+    assert methods["U fast"]["ratio_floor"] > 0
     assert methods["U fast"]["max_err"] < 1e-5 and methods["drop-in"]["max_err"] < 1e-5
     assert methods["U fast"]["time_s"] > 0 and methods["U fast"]["L"] > 0
     with open(tmp_path / "cpu.csv") as f:

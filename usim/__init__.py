@@ -7,6 +7,7 @@ from usim.mha import SimulatedMultiheadAttention, simulate_attention
 from usim.ops import (AttentionCore, Construction, Determinant, GroupSort, Inverse, MatMul, MaxMin, ReLU,
                       SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
                       SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
+from usim.ops.groupsort_network import abs_network
 from usim.plot import plot  # matplotlib is imported only when a figure is drawn
 from usim.progress import set_progress
 
@@ -15,4 +16,4 @@ __version__ = "0.1.0"
 __all__ = ["AttentionCore", "Block", "Construction", "Determinant", "Encoder", "GroupSort", "Inverse", "Layout", "MatMul",
            "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
            "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
-           "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save", "set_progress", "simulate_attention"]
+           "Softmax", "Transpose", "UniversalSimulator", "abs_network", "load", "plot", "save", "set_progress", "simulate_attention"]

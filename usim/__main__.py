@@ -43,8 +43,26 @@ the matrices a_h and v_h of an attention layer as its input, outputs what that a
 computes: the sum over heads h of softmax(x a_h x^T) x v_h."""
 
 
+def check_demo(args) -> None:
+    """ValueError naming the option for sizes the demo cannot run with."""
+    for option in ("n", "m", "tokens", "embed_dim", "heads", "batch", "dpi"):
+        if getattr(args, option) < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if args.embed_dim % args.heads:
+        raise ValueError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads} (each of the "
+                         f"drop-in's heads gets embed_dim / heads features, as in nn.MultiheadAttention)")
+
+
+def png_path(out) -> Path:
+    """The file matplotlib writes for ``savefig(out)``: a name without an extension gets ".png"
+    (``adir`` -> ``adir.png``)."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".png")
+
+
 def demo(args) -> None:
     """The tour: Transpose, U, the nn.MultiheadAttention drop-in, then a picture."""
+    check_demo(args)
     torch.manual_seed(args.seed)
     print(INTRO)
     transpose_demo(args)
@@ -142,7 +160,7 @@ def picture_demo(args, u, x, a, v) -> None:
     except ImportError:
         print("Install matplotlib to get a picture of U at work: pip install 'usim[plot]'")
         return
-    path = Path(args.picture).resolve()
+    path = png_path(args.picture).resolve()
     fig = usim.plot(u, x[0], a, v)
     fig.savefig(path, dpi=args.dpi)
     print(f"{path}\nwhat each of U's layers computes, and each head's attention weights computed by U beside "
@@ -185,8 +203,9 @@ def build_op(name: str, sizes: list[int], heads: int = 1, group_size: int | None
     return cls(*sizes)
 
 
-def parse_layers(text: str | None):
-    """"1-5", "3" or "1,3,7" (numbered from 1, as in the pictures) -> layer indices from 0."""
+def parse_layers(text: str | None, depth: int | None = None, title: str = "the construction"):
+    """"1-5", "3" or "1,3,7" (numbered from 1, as in the pictures and ``describe``'s table) -> layer
+    indices from 0; with ``depth``, numbers past the last layer are a ValueError in the same numbering."""
     if text is None:
         return None
     chosen = []
@@ -201,6 +220,8 @@ def parse_layers(text: str | None):
             raise ValueError(f"--layers takes numbers from 1 such as 1-5 or 1,3,7; got {text!r}") from None
     if any(i < 1 for i in chosen):
         raise ValueError(f"--layers are numbered from 1, got {text!r}")
+    if depth is not None and any(i > depth for i in chosen):
+        raise ValueError(f"--layers {text}: {title} has layers 1..{depth}")
     return [i - 1 for i in chosen]
 
 
@@ -216,13 +237,19 @@ def show(args) -> None:
             if args.sizes:
                 raise ValueError("sizes are given by the checkpoint itself: drop them")
             module = usim.load(args.op)
+            if isinstance(module, usim.SimulatedMultiheadAttention):  # a drop-in is drawn as the U computing it
+                print(f"{args.op} is a drop-in for nn.MultiheadAttention: drawing the U that computes it")
+                module = module.simulator
         else:
             module = build_op(args.op, args.sizes, heads=args.heads, group_size=args.group_size,
                               head_dim=args.head_dim)
         bar.update()
-        fig = usim.plot(module, layers=parse_layers(args.layers), seed=args.seed)
+        layers = parse_layers(args.layers, module.depth, module.title)
+        out = png_path(args.out or f"{module.kind.lower()}.png")
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder: give the PNG file's name")
+        fig = usim.plot(module, layers=layers, seed=args.seed)
         bar.update()
-        out = Path(args.out or f"{module.kind.lower()}.png")
         fig.savefig(out, dpi=args.dpi)
         bar.update()
     print(f"wrote {out} ({module.title})")
@@ -250,6 +277,8 @@ def describe_checkpoint(path) -> str:
     from usim.ops.base import Construction, layer_specs
 
     module = usim.load(path)  # validates the file (and every tensor's shape) first
+    if isinstance(module, usim.SimulatedMultiheadAttention):
+        return _describe_drop_in(path, module)
     with safe_open(os.fspath(path), framework="pt") as f:
         metadata = f.metadata() or {}
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
@@ -292,6 +321,32 @@ def describe_checkpoint(path) -> str:
     return "\n".join(lines)
 
 
+def _describe_drop_in(path, module) -> str:
+    """describe's text for a drop-in checkpoint: its MHA sizes and weights, and the U computing it."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    args = json.loads(metadata["usim.module"])["args"]
+    u = module.simulator
+    return "\n".join([
+        f"{os.fspath(path)}",
+        "  kind            SimulatedMultiheadAttention (usim.SimulatedMultiheadAttention), a drop-in for "
+        "nn.MultiheadAttention",
+        f"  arguments       {', '.join(f'{k}={v}' for k, v in args.items())}",
+        f"  format version  {metadata.get('usim.format', '?')}",
+        f"  file            {_size(os.path.getsize(path))}: {len(shapes)} tensors, "
+        f"{sum(math.prod(s) for s in shapes.values()):,} numbers ({module.out_proj.weight.dtype}), "
+        "nn.MultiheadAttention's state_dict:",
+        *[f"{'':18}{name:<16}  {'×'.join(map(str, shape))}" for name, shape in sorted(shapes.items())],
+        f"  computed by     {u.title}: {u.depth} layers, at most {u.width} attention heads in one layer, "
+        f"{u.encoder.length} tokens,",
+        f"{'':18}{u.encoder.stream_width} stream slots (the weights are U's inputs; U is rebuilt from the sizes, "
+        "not stored)",
+    ])
+
+
 def describe(args) -> None:
     print(describe_checkpoint(args.checkpoint))
 
@@ -326,6 +381,8 @@ def bench(args, passed: list[str]) -> int:
 def export(args) -> None:
     from usim.export import export as write_all
 
+    if Path(args.directory).exists() and not Path(args.directory).is_dir():
+        raise ValueError(f"{args.directory} is a file: export writes its checkpoints into a folder")
     for path in write_all(args.directory):
         print(f"wrote {path}")
 
@@ -425,6 +482,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, FileNotFoundError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback: say what failed, in one line
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

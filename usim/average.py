@@ -41,8 +41,10 @@ def ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     order = (~kept).to(torch.int8).argsort(dim=-1, stable=True)  # kept keys first, in key order
     kept = kept.gather(-1, order)
     values = values.gather(-2, order[..., None].expand(*order.shape, values.shape[-1]))
-    return tree_sum(torch.where(kept[..., None], values, torch.zeros((), dtype=values.dtype,
-                                                                     device=values.device)), dim=-2)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # + 0 * every candidate: exact zeros, but a NaN or inf among the candidates reaches the sum (as
+    # 0 * NaN reaches a row of softmax(S) V in torch)
+    return tree_sum(torch.where(kept[..., None], values, zero), dim=-2) + (values * 0).sum(-2)
 
 
 def dense_ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from usim.activations import ACTIVATIONS
 from usim.engine import FFN, Encoder, EncoderLayer, HardAttention
@@ -114,7 +114,28 @@ def save(module, path) -> None:
         "usim.layers": json.dumps(layer_specs(encoder)),
     }
     metadata[DIGEST] = digest(tensors, metadata)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    _write(path, tensors, metadata)
+
+
+def _write(path, tensors: dict, metadata: dict) -> None:
+    """The safetensors file, byte for byte the same for the same module: safetensors writes its
+    metadata map in hash order, so the header is written again with the metadata keys sorted (the
+    tensors' offsets do not change; the header is padded with spaces to 8 bytes, as the format says).
+    OSError naming the path when it cannot be written (a directory, a missing folder)."""
+    data = safetensors_bytes(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    target = os.fspath(path)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"cannot save to {target!r}: it is a directory (give a file name)")
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot save to {target!r}: folder {folder!r} does not exist")
+    with open(target, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text + data[8 + size:])
 
 
 DROP_IN = "SimulatedMultiheadAttention"
@@ -133,7 +154,7 @@ def _save_drop_in(module, path) -> None:
             raise ValueError(f"cannot save: tensor {name!r} holds NaN or infinite values")
     metadata = {"usim.format": FORMAT_VERSION, "usim.module": json.dumps({"kind": DROP_IN, "args": args})}
     metadata[DIGEST] = digest(tensors, metadata)
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    _write(path, tensors, metadata)
 
 
 def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execution: str):
@@ -153,21 +174,40 @@ def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execut
         raise ValueError(f"{path}: 'usim.module' args.dropout must be a number in [0, 1), got {_short(args['dropout'])}")
     if verify:
         _verify_digest(metadata, tensors, path)
+    if args["embed_dim"] % args["num_heads"]:
+        raise ValueError(f"{path}: 'usim.module' args.embed_dim {args['embed_dim']} is not divisible by "
+                         f"num_heads {args['num_heads']}")
+    # The tensors first (with verify=False too): nothing is allocated for sizes the file does not hold.
+    expected = _drop_in_shapes(args)
+    dtypes = {t.dtype for t in tensors.values()}
+    for name in sorted(set(expected) | set(tensors)):
+        t, want = tensors.get(name), expected.get(name)
+        if t is None or want is None or tuple(t.shape) != want or not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {name!r} {tuple(t.shape) if t is not None else '(missing)'} does not "
+                             f"fit a {DROP_IN} of these sizes (expected {want if want else 'no such tensor'})")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    if len(dtypes) != 1:
+        raise ValueError(f"{path}: the tensors of a {DROP_IN} must share one dtype, got {sorted(map(str, dtypes))}")
     dropout = args.pop("dropout")
     try:
-        drop_in = SimulatedMultiheadAttention(**args, execution=execution)
+        drop_in = SimulatedMultiheadAttention(**args, execution=execution, dtype=dtypes.pop())
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: 'usim.module' args do not make a {DROP_IN}: {e}") from None
     drop_in.dropout = float(dropout)
-    expected = drop_in.state_dict()
-    for name in sorted(set(expected) | set(tensors)):
-        t, want = tensors.get(name), expected.get(name)
-        if t is None or want is None or t.shape != want.shape or not t.is_floating_point():
-            raise ValueError(f"{path}: tensor {name!r} does not fit a {DROP_IN} of these sizes")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{path}: tensor {name!r} holds NaN or infinite values")
-    drop_in.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    drop_in.load_state_dict(tensors, strict=True)
     return drop_in
+
+
+def _drop_in_shapes(args: dict) -> dict:
+    """The state_dict shapes of a drop-in (as nn.MultiheadAttention's) from its recorded sizes."""
+    e, k, v = args["embed_dim"], args["kdim"], args["vdim"]
+    shapes = {"in_proj_weight": (3 * e, e)} if k == v == e else \
+        {"q_proj_weight": (e, e), "k_proj_weight": (e, k), "v_proj_weight": (e, v)}
+    shapes["out_proj.weight"] = (e, e)
+    if args["bias"]:
+        shapes.update({"in_proj_bias": (3 * e,), "out_proj.bias": (e,)})
+    return shapes
 
 
 # --- reading and validating ----------------------------------------------------------------------

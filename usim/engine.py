@@ -83,6 +83,7 @@ class HardAttention(nn.Module):
     def tiers(self) -> int:
         return self.query.shape[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _sparse(self, like: torch.Tensor):
         """(value read (H*d_v, R), read columns (R,), output (S, H*d_v), written columns (S,)):
         the value and output maps restricted to the stream columns they use."""
@@ -97,6 +98,7 @@ class HardAttention(nn.Module):
                                         _cast(output[writes], like), writes.to(like.device)))
         return self._sparse_cache[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _tier_reads(self, like: torch.Tensor):
         """Per (head, tier): (columns, query read, key read), restricted to the columns used."""
         key = (like.dtype, like.device, _versions(self))
@@ -203,6 +205,7 @@ class FFN(nn.Module):
     def hidden(self) -> int:
         return self.w_out.shape[1]
 
+    @torch.inference_mode(False)  # cached tensors must be ordinary: autograd may meet them later
     def _sparse(self, like: torch.Tensor):
         """(w_in, b_in, read columns, w_out, b_out, written columns), restricted to the columns used."""
         key = (like.dtype, like.device, _versions(self))
@@ -309,11 +312,16 @@ class Encoder(nn.Module):
     def readout(self) -> torch.Tensor:
         """(L,) the slot read at each position (made per token on first use: it may be edited in place)."""
         if not hasattr(self, "readout_tokens"):
+            with torch.inference_mode(False):  # an ordinary tensor: autograd may use it later
+                self._readout_tokens()
+        return self.readout_tokens
+
+    def _readout_tokens(self) -> None:
+        if not hasattr(self, "readout_tokens"):
             sizes = torch.tensor(self.positions.offsets).diff()
             tokens = self.readout_blocks.repeat_interleave(sizes.to(self.readout_blocks.device))
             del self.readout_blocks
             self.register_buffer("readout_tokens", tokens)
-        return self.readout_tokens
 
     @property
     def positional(self) -> torch.Tensor:
@@ -327,7 +335,8 @@ class Encoder(nn.Module):
 
     def _table(self):
         if "_table_cache" not in self.__dict__:
-            self.__dict__["_table_cache"] = self.positions.table()
+            with torch.inference_mode(False):  # an ordinary tensor: autograd may use it later
+                self.__dict__["_table_cache"] = self.positions.table()
         return self.__dict__["_table_cache"]
 
     @property

@@ -42,9 +42,10 @@ def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, kdim: int,
     key = (seq_len, d, heads, head_dim, kdim, vdim, execution)
     with _LOCK:
         simulator = _SIMULATORS.get(key)
-        if simulator is None:
-            simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
-                                           vdim=vdim, execution=execution)
+        if simulator is None:  # built out of inference mode: drop-ins that train share it too
+            with torch.inference_mode(False):
+                simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
+                                               vdim=vdim, execution=execution)
             _SIMULATORS[key] = simulator
         return simulator
 
@@ -76,6 +77,10 @@ class SimulatedMultiheadAttention(nn.Module):
         kdim, vdim: Total number of features for keys and values. Default: ``embed_dim``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
         execution: ``"fast"`` (default) or ``"dense"``, the simulator's execution (see ``usim.Encoder``).
+
+    NaN and inf in the inputs are not refused: they reach the outputs they reach in
+    nn.MultiheadAttention (no host sync looks for them), except that a masked key's score takes no
+    part at all, whatever it is.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, kdim: int | None = None,
@@ -135,8 +140,11 @@ class SimulatedMultiheadAttention(nn.Module):
                                 self.kdim + extra, self.vdim + extra, mode))
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast") -> "SimulatedMultiheadAttention":
-        """Copy the weights of an existing ``nn.MultiheadAttention`` (packed q/k/v projections)."""
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast", *,
+                   share: bool = False) -> "SimulatedMultiheadAttention":
+        """The drop-in for an existing ``nn.MultiheadAttention``: a copy of its weights (with their
+        ``requires_grad``), or with ``share=True`` its very Parameters and ``out_proj`` module, so
+        that weights tied to other modules stay tied and frozen ones stay frozen."""
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__}")
         if mha.bias_k is not None or mha.add_zero_attn:
@@ -146,7 +154,16 @@ class SimulatedMultiheadAttention(nn.Module):
                   vdim=mha.vdim, batch_first=mha.batch_first, device=p.device, dtype=p.dtype, execution=execution)
         sim.dropout = mha.dropout
         sim.train(mha.training)
+        if share:
+            for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
+                if getattr(sim, name) is not None:
+                    setattr(sim, name, getattr(mha, name))
+            sim.out_proj = mha.out_proj
+            return sim
         sim.load_state_dict(mha.state_dict(), strict=True)
+        theirs = dict(mha.named_parameters())
+        for name, p in sim.named_parameters():
+            p.requires_grad_(theirs[name].requires_grad)
         return sim
 
     def folded(self, dtype=torch.float64):
@@ -208,6 +225,9 @@ class SimulatedMultiheadAttention(nn.Module):
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query {tuple(query.shape)}")
         mask = self._key_mask(key_padding_mask, k, unbatched)
         scores_mask = self._attn_mask(attn_mask, x.shape[0], x.shape[1], k.shape[1])
+        if mask is not None and mask.is_floating_point():  # added to every score of its key, as MHA does
+            scores_mask = self._merged(mask, scores_mask, x.shape[1])
+            mask = None
         if self.has_bias:
             x, k, v = (torch.cat([t, torch.ones_like(t[..., :1])], dim=-1) for t in (x, k, v))
         wq, wk, wv, wo, bo = (t.to(x.device) for t in self.folded(x.dtype))
@@ -215,10 +235,10 @@ class SimulatedMultiheadAttention(nn.Module):
         scale = None
         if self.training and self.dropout > 0:  # as MHA: dropout on the weights, kept ones scaled by 1/(1-p)
             keep = torch.rand(x.shape[0], self.num_heads, x.shape[1], k.shape[1], device=x.device) >= self.dropout
-            scale = keep.to(x.dtype) / (1 - self.dropout)
+            scale = keep.to(x.dtype) / (1 - self.dropout) if self.dropout < 1 else torch.zeros_like(keep, dtype=x.dtype)
         out, weights = self.simulator.attention(x, wq, wk, wv, wo, key=None if self_attention else k,
                                                 value=None if self_attention else v, key_padding_mask=mask,
-                                                attn_mask=scores_mask, bo=bo, weight_scale=scale)
+                                                attn_mask=scores_mask, bo=bo, weight_scale=scale, finite=False)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)
@@ -251,31 +271,60 @@ class SimulatedMultiheadAttention(nn.Module):
             mask = mask[None]
         if mask.shape != x.shape[:2]:
             raise ValueError(f"key_padding_mask must be (N, S) = {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
-        if mask.dtype == torch.bool:
-            return mask
-        if torch.is_floating_point(mask) and bool(((mask == 0) | (mask == float("-inf"))).all()):
-            return mask == float("-inf")
-        raise NotImplementedError("a float key_padding_mask is simulated only with values 0 and -inf")
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            raise TypeError(f"key_padding_mask must be bool (True = ignore the key) or floating (added to the "
+                            f"scores), got {mask.dtype}")
+        return mask
+
+    def _merged(self, key_mask, attn_mask, length):
+        """A float key_padding_mask (N, S) added to attn_mask (bool or float, (L, S) or (N, H, L, S)),
+        as nn.MultiheadAttention adds them: (N, num_heads, L, S) float, -inf = left out."""
+        bias = key_mask[:, None, None, :].expand(-1, self.num_heads, length, -1)
+        if attn_mask is None:
+            return bias
+        if attn_mask.dtype == torch.bool:
+            attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(attn_mask, float("-inf"))
+        return bias + attn_mask.to(bias.dtype)
 
 
 def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
     """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
-    ``SimulatedMultiheadAttention`` (same weights, U built for sequences up to ``seq_len``).
+    ``SimulatedMultiheadAttention`` (U built for sequences up to ``seq_len``).
 
-    A deep copy unless ``inplace``. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
+    A deep copy unless ``inplace``. Each drop-in holds the replaced module's own Parameters and
+    ``out_proj``, so tied weights stay tied and frozen ones (``requires_grad=False``) stay frozen; a
+    module reachable under several names or from several parents becomes one drop-in, shared the same
+    way. Works in ``nn.TransformerEncoderLayer``, ``nn.TransformerEncoder``,
     ``nn.TransformerDecoderLayer`` and ``nn.Transformer`` with their default arguments in eval mode
     (PyTorch's fused fast path steps aside, so the simulator really runs), with attention masks,
-    cross-attention, and dropout on the attention weights in training mode."""
+    cross-attention, and dropout on the attention weights in training mode.
+
+    Raises ValueError for a subclass of ``nn.MultiheadAttention`` with its own ``forward`` (its
+    computation may differ: nothing is replaced), naming it; TypeError for TorchScript (scripted or
+    traced) modules, which cannot be changed: simulate the eager model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_size("seq_len", seq_len)
-    if isinstance(model, nn.MultiheadAttention):
-        return SimulatedMultiheadAttention.from_torch(model, seq_len, execution=execution)
+    found = list(model.named_modules())
+    for path, module in found:
+        if isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(f"{path or 'the model'} is a TorchScript module ({type(module).__name__}): its "
+                            "attention cannot be replaced; pass the eager model (script it afterwards, if at all)")
+        if isinstance(module, nn.MultiheadAttention) and type(module).forward is not nn.MultiheadAttention.forward:
+            raise ValueError(f"{path or 'the model'} is a {type(module).__qualname__}, a subclass of "
+                             "nn.MultiheadAttention with its own forward: not simulated (its computation may "
+                             "differ); nothing was replaced")
     model = model if inplace else copy.deepcopy(model)
+    if isinstance(model, nn.MultiheadAttention):
+        return SimulatedMultiheadAttention.from_torch(model, seq_len, execution=execution, share=True)
+    drop_ins: dict = {}  # id of the replaced module -> its drop-in (one per module, however reached)
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # every name: named_children() skips aliases
             if isinstance(child, nn.MultiheadAttention):
-                setattr(module, name, SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution))
+                if id(child) not in drop_ins:
+                    drop_ins[id(child)] = SimulatedMultiheadAttention.from_torch(child, seq_len, execution=execution,
+                                                                                 share=True)
+                setattr(module, name, drop_ins[id(child)])
         if getattr(module, "use_nested_tensor", False):  # nn.TransformerEncoder decided this with MHA inside:
             module.use_nested_tensor = False  # nested tensors would skip the layers' attention modules
     return model

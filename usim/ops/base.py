@@ -79,6 +79,14 @@ class Construction(nn.Module):
             for block, a in zip(self.layout.inputs, arrays):
                 if not torch.isfinite(a).all():
                     raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
+        if torch.is_inference_mode_enabled():
+            # Out of inference mode (autograd off): the plans, programs and caches built on this call are
+            # ordinary tensors, so the module (or another sharing its encoder) can be trained later.
+            with torch.inference_mode(False), torch.no_grad():
+                return self._run(arrays, batch_shape)
+        return self._run(arrays, batch_shape)
+
+    def _run(self, arrays, batch_shape):
         dtype = arrays[0].dtype if arrays else torch.float64
         device = arrays[0].device if arrays else None
         program = self.encoder.structured(dtype, device)

@@ -24,11 +24,14 @@ two homes: ``value`` and one matmul output slot, since each is exactly 0 where t
 (an input block is 0 in every stage output slot, an intermediate block is 0 in ``value``).
 
 A softmax stage, row-wise over blocks of m columns (Lemma 3, as in usim/ops/softmax.py), is three
-layers: the row maximum by attention (over the kept keys) then exp(s - max - MASKED * drop); the
-row mean of e (averaging head) then r = 1 / (m * mean); then p = e * r. With a key mask (a block
-of m flags, 1 = the key is ignored), a head in the first layer of the pipeline copies the flag of
-its column into ``drop`` at the softmax blocks' tokens (address ``kp.*``) and the 0 of ``null``
-everywhere else, so every row elsewhere keeps a key and stays finite.
+layers: the row maximum by attention then exp(s - max); the row mean of e (averaging head) then
+r = 1 / (m * mean); then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
+a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
+softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
+elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys, and a second
+head of the softmax's first layer copies into x the entry's own score if its key is kept, else the
+score of a kept key of its row (the nearest column): e = exp(x - max - MASKED * drop) is exactly 0
+for a masked key whatever its score (finite, infinite or NaN), since x - max <= 0.
 
 All scores are exact small integers (block indices and coordinates), never raw positions.
 """
@@ -251,6 +254,11 @@ class Pipeline:
         """Whether some softmax stage masks keys (then one head of the first layer reads the flags)."""
         return any(kind == "softmax" and option for kind, _, _, option in self.stages)
 
+    @staticmethod
+    def _kept(keep) -> list:
+        """The tier keeping a row's kept keys (ignore flag 0) when the stage masks keys."""
+        return [] if keep is None else [maximize("drop", -1.0)]
+
     def _drop_head(self, b: Builder, index: dict) -> Head:
         """drop = the ignore flag of the token's entry (or column) at the softmax blocks, 0 elsewhere."""
         b.slot("drop")
@@ -263,9 +271,13 @@ class Pipeline:
         m = self.shape(blocks[0])[-1]
         top, e, mean, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "r", "p"))
         row = match({"block": "block", "row": "row"})
-        kept = [maximize("drop", -1.0)] if keep is not None else []
-        exp_in = {src: 1.0, top: -1.0, **({"drop": -MASKED} if keep is not None else {})}
-        b.layer([Head([row, *kept, maximize(src)], [(src, top)], name=f"{tag}max")], FFN("exp", [Unit(exp_in, e)]))
+        heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top)], name=f"{tag}max")]
+        exp_in = {src: 1.0, top: -1.0}
+        if keep is not None:  # x = the entry's own score if its key is kept, else a kept key's of its row
+            x = b.slot(f"{tag}x")
+            heads.append(Head([row, *self._kept(keep), match({"col": "col"})], [(src, x)], name=f"{tag}x"))
+            exp_in = {x: 1.0, top: -1.0, "drop": -MASKED}  # x - max <= 0: exp(x - max - MASKED) = 0 if masked
+        b.layer(heads, FFN("exp", [Unit(exp_in, e)]))
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
                 FFN("reciprocal", [Unit({mean: float(m)}, r)]))
         if tag not in self.scales:

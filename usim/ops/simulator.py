@@ -158,7 +158,7 @@ class UniversalSimulator(Construction):
                               bo=bo, key=key, value=value, attn_mask=attn_mask, weight_scale=weight_scale)[0]
 
     def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
-                  key=None, value=None, attn_mask=None, weight_scale=None):
+                  key=None, value=None, attn_mask=None, weight_scale=None, finite: bool = True):
         """(output (..., n, d), attention weights (..., heads, n, m)), both read from the encoder.
 
         Factored form only: ``key`` (..., m, kdim) and ``value`` (..., m, vdim) for cross-attention
@@ -166,14 +166,18 @@ class UniversalSimulator(Construction):
         (added to the scores; -inf = left out); a row with every score left out gives NaN, as in
         nn.MultiheadAttention. ``weight_scale`` (..., heads, n, m) multiplies the softmax weights
         entry by entry before they weight the values (dropout: its mask / (1 - p)); the returned
-        weights include it, as nn.MultiheadAttention's do."""
+        weights include it, as nn.MultiheadAttention's do. With no keys at all (m = 0) the output is
+        b_O, as nn.MultiheadAttention's. ``finite=False`` (factored form): NaN and infinite inputs (a
+        float attn_mask's too) are not refused but go through the encoder, as through
+        nn.MultiheadAttention (no host sync looks for them)."""
         n, d = self.n, self.d
         factored = self.head_dim is not None
         if not factored and (key is not None or value is not None or attn_mask is not None or
                              weight_scale is not None):
             raise ValueError("key, value, attn_mask and weight_scale are for the factored form (head_dim)")
         if factored:
-            return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale)
+            return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale,
+                                            finite)
         names = ("wq", "wk", "wv", "wo") if factored else ("a", "v")
         if not factored and 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
             extra = dict(zip(("key_padding_mask", "w1", "w2", "residual"), weights[2:]))
@@ -227,7 +231,7 @@ class UniversalSimulator(Construction):
             raise ValueError("w1/w2 given but this U was built without ffn_hidden")
         return arrays
 
-    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale):
+    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale, finite):
         n, d, r = self.n, self.d, self.head_dim
         m, kdim, vdim = self.args["kv_len"], self.args["kdim"], self.args["vdim"]
         key = x if key is None else key
@@ -261,24 +265,26 @@ class UniversalSimulator(Construction):
             bo = x.new_zeros(d_in)
         if not isinstance(bo, torch.Tensor) or bo.shape[-1:] != (d_in,):
             raise ValueError(f"bo must be a tensor (..., {d_in}), got {tuple(getattr(bo, 'shape', ()))}")
-        ignore, bias = self._score_masks(x, key_padding_mask, attn_mask, n_in, m_in)
+        ignore, bias = self._score_masks(x, key_padding_mask, attn_mask, n_in, m_in, finite)
         scale = torch.ones(self.heads, n_in, m_in, dtype=x.dtype, device=x.device)
         if weight_scale is not None:
             if not isinstance(weight_scale, torch.Tensor) or weight_scale.shape[-3:] != scale.shape:
                 raise ValueError(f"weight_scale must be (..., {self.heads}, {n_in}, {m_in}), "
                                  f"got {tuple(getattr(weight_scale, 'shape', ()))}")
             scale = scale * weight_scale.to(x.dtype)
-        scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=1.0)
+        # no keys at all: the padding keys are kept with weight multiplier 0, so the output is b_O
+        scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=float(m_in > 0))
         arrays = [F.pad(x, (0, d - d_in, 0, n - n_in)), F.pad(key, (0, kdim - k_in, 0, m - m_in)),
                   F.pad(value, (0, vdim - v_in, 0, m - m_in)), *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3),
                   *wo.unbind(-3), F.pad(bo, (0, d - d_in)), torch.ones(1, dtype=x.dtype, device=x.device),
                   *ignore.unbind(-3), *bias.unbind(-3), *scale.unbind(-3)]
-        out, *probs = self.run(*arrays)
+        out, *probs = self.run(*arrays, finite=finite)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
 
-    def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in):
+    def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in, finite=True):
         """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
-        bias, from key_padding_mask (..., m) and attn_mask; padded keys are ignored."""
+        bias, from key_padding_mask (..., m) and attn_mask; padded keys are ignored (unless there are
+        no keys at all). ``finite=False`` lets NaN and +inf of a float attn_mask into the bias."""
         heads, n, m = self.heads, self.n, self.args["kv_len"]
         ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
         bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
@@ -298,7 +304,7 @@ class UniversalSimulator(Construction):
             if attn_mask.dtype == torch.bool:
                 ignore = ignore | attn_mask
             elif attn_mask.is_floating_point():
-                if torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any():
+                if finite and (torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any()):
                     raise ValueError("a float attn_mask may hold finite values and -inf only")
                 left_out = attn_mask == float("-inf")
                 ignore = ignore | left_out
@@ -307,7 +313,7 @@ class UniversalSimulator(Construction):
                 raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
         ignore, bias = torch.broadcast_tensors(ignore, bias)
         # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
-        ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
+        ignore = F.pad(F.pad(ignore, (0, m - m_in), value=m_in > 0), (0, 0, 0, n - n_in), value=False)
         ignore[..., n_in:, :m_in] = False
         return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
