@@ -387,3 +387,15 @@ def test_readme_blocks_run_as_written(tmp_path, monkeypatch):
         exec(compile(block.group(1), "README.md", "exec"), {})
         ran += 1
     assert ran >= 7 and heavy == 3, (ran, heavy, len(blocks))
+
+
+def test_negative_zero_is_the_one_exception_to_bitwise_moves(seed):
+    # README: moves are bitwise equal to torch except that -0.0 comes out as +0.0 (the stream starts at +0.0)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    x[0, 0], x[1, 2], x[2, 3] = -0.0, 1e308, -5e-324  # and the largest and a subnormal value
+    y = usim.Transpose(3, 4)(x)
+    want = x.T
+    assert torch.equal(y, want), seed
+    moved = want != 0
+    assert torch.equal(torch.signbit(y[moved]), torch.signbit(want[moved])), seed
+    assert not torch.signbit(y[0, 0]) and torch.signbit(want[0, 0]), seed
