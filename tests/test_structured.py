@@ -157,3 +157,34 @@ def test_long_sequences_stay_small():
     q, k, v = (torch.einsum("bnd,hdr->bhnr", x.double(), wi.double()) for wi in w[:3])
     ref = torch.einsum("bhnm,bhmr,hrd->bnd", torch.softmax(q @ k.mT, -1), v, w[3].double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_drop_in_program_traces_whole(seed):
+    # No host syncs in a warm call (the CPU proxy): the structured program of a drop-in's U traces
+    # under torch.compile(fullgraph=True): no .item(), no data-dependent shapes.
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    sim = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=4)
+    x = torch.randn(2, 4, 8)
+    mask = torch.tensor([[False, False, True, False], [False] * 4])
+    with torch.no_grad():
+        want = sim(x, x, x, key_padding_mask=mask)[0]
+        u = sim.simulator
+        program = u.encoder.program(torch.float32)
+        assert isinstance(program, StructuredProgram)
+        seen = {}
+        original = program.forward
+
+        def record(inputs, blocks):  # the program's inputs, as the drop-in hands them over
+            seen["args"] = (inputs, blocks)
+            return original(inputs, blocks)
+
+        program.forward = record
+        try:
+            sim(x, x, x, key_padding_mask=mask)
+        finally:
+            del program.forward
+        inputs, blocks = seen["args"]
+        compiled = torch.compile(program.forward, fullgraph=True, backend="eager")
+        got, again = compiled(inputs, blocks), program.forward(inputs, blocks)
+    assert all(torch.equal(got[b], again[b]) for b in blocks), seed
+    torch.testing.assert_close(want, mha(x, x, x, key_padding_mask=mask)[0], rtol=1e-4, atol=1e-5)
