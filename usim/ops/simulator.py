@@ -60,6 +60,14 @@ def _zero(i, k):
     return torch.zeros_like(i)
 
 
+def _row(i, k):
+    return i
+
+
+def _col(i, k):
+    return k
+
+
 def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline:
     inputs = {"x": (n, d), **{f"a{h}": (d, d) for h in range(heads)}, **{f"v{h}": (d, d) for h in range(heads)}}
     weights = {f"s{h}": (n, n) for h in range(heads)}  # the attention weights are outputs too
@@ -82,7 +90,7 @@ def _av_pipeline(n: int, d: int, heads: int, ffn_hidden: int | None) -> Pipeline
         terms = ffn_hidden + 1  # the last term is residual * y[i, k]
         pipe.matmul("w2.", [Product("out", terms,
                                     _with_last_term(matrix(hidden, "i", "t"), "residual", _zero, _zero, terms),
-                                    _with_last_term(matrix("w2", "t", "k"), y, lambda i, k: i, lambda i, k: k,
+                                    _with_last_term(matrix("w2", "t", "k"), y, _row, _col,
                                                     terms))])
     return pipe
 
@@ -100,22 +108,82 @@ def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vd
               **{f"scale{h}": (n, m) for h in range(heads)}}
     weights = {f"s{h}": (n, m) for h in range(heads)}
     pipe = Pipeline(inputs, {"y": (n, d), **weights})
+    attention_stages(pipe, heads, r)
+    return pipe
+
+
+def attention_stages(pipe: Pipeline, heads: int, r: int, x: str = "x", xk: str = "xk", xv: str = "xv",
+                     y: str = "y", qkv_bias: bool = False, residual: str | None = None) -> None:
+    """Append the factored attention's stages to ``pipe``: y = sum_h softmax((x W_Q,h)(xk W_K,h)^T)
+    (xv W_V,h) W_O,h + 1 * b_O [+ residual]. Reads the input blocks wq{h}, wk{h}, wv{h}, wo{h}, bo,
+    one, ignore{h}, bias{h} and scale{h} (see ``_factored_pipeline``); with ``qkv_bias`` also bq{h},
+    bk{h}, bv{h} (r,), added as one more term 1 * b[k] of each projection; ``residual`` names an
+    input block of y's shape added to y (the stage's addend). The weights go to blocks s{h}."""
+    n, d = pipe.shape(x)
+    m, kdim = pipe.shape(xk)
+    proj = ("wq", "wk", "wv")
+    sizes = {"wq": d, "wk": kdim, "wv": pipe.shape(xv)[1]}
+    weights = [pipe.block(f"s{h}", (n, m)) for h in range(heads)]
     q, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
     k, v = ([pipe.block(f"{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
-    source = {"wq": "x", "wk": "xk", "wv": "xv"}
-    pipe.matmul("qkv.", [Product(blk[h], sizes[w], matrix(source[w], "i", "t"), matrix(f"{w}{h}", "t", "k"))
-                         for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
+    source = {"wq": x, "wk": xk, "wv": xv}
+
+    def projection(w, h, out):
+        left, right, terms = matrix(source[w], "i", "t"), matrix(f"{w}{h}", "t", "k"), sizes[w]
+        if qkv_bias:  # the last term is 1 * b[k]
+            terms += 1
+            left = _with_last_term(left, "one", _zero, _zero, terms)
+            right = _with_last_term(right, f"b{w[1]}{h}", _zero, _col, terms)
+        return Product(out, terms, left, right)
+
+    pipe.matmul("qkv.", [projection(w, h, blk[h]) for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
     pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"), addend=f"bias{h}")
                        for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep=[f"ignore{h}" for h in range(heads)],
+    pipe.softmax("p.", weights, keep=[f"ignore{h}" for h in range(heads)],
                  scale=[f"scale{h}" for h in range(heads)])  # 1, or dropout's mask / (1 - p)
     pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
-    pipe.matmul("out.", [Product("y", terms,
+    pipe.matmul("out.", [Product(y, terms,
                                  _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
                                  _with_last_term(_per_head([f"wo{h}" for h in range(heads)], "t", "k", r), "bo",
-                                                 _zero, lambda i, k: k, terms))])
-    return pipe
+                                                 _zero, _col, terms), addend=residual)])
+
+
+def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in: int, m_in: int):
+    """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
+    bias of a U built for n queries and m keys, from key_padding_mask (..., m_in) and attn_mask
+    ((n_in, m_in) or (..., heads, n_in, m_in), bool or float) for n_in queries and m_in keys; padded
+    keys are ignored, padded queries ignore only padded keys (their rows stay finite)."""
+    ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
+    bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (m_in,):
+            raise ValueError(f"key_padding_mask must be bool (..., {m_in}), got {key_padding_mask.dtype} "
+                             f"{tuple(key_padding_mask.shape)}")
+        ignore = ignore | key_padding_mask[..., None, None, :]
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.shape[-2:] != (n_in, m_in) or (attn_mask.dim() > 2 and attn_mask.shape[-3] != heads):
+            raise ValueError(f"attn_mask must be ({n_in}, {m_in}) or (..., {heads}, {n_in}, {m_in}), "
+                             f"got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            ignore = ignore | attn_mask
+        elif attn_mask.is_floating_point():
+            if torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any():
+                raise ValueError("a float attn_mask may hold finite values and -inf only")
+            left_out = attn_mask == float("-inf")
+            ignore = ignore | left_out
+            bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
+        else:
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+    ignore, bias = torch.broadcast_tensors(ignore, bias)
+    # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
+    ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
+    ignore[..., n_in:, :m_in] = False
+    return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
 
 @register
@@ -302,39 +370,7 @@ class UniversalSimulator(Construction):
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
 
     def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in):
-        """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
-        bias, from key_padding_mask (..., m) and attn_mask; padded keys are ignored."""
-        heads, n, m = self.heads, self.n, self.args["kv_len"]
-        ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
-        bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor):
-                raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (m_in,):
-                raise ValueError(f"key_padding_mask must be bool (..., {m_in}), got {key_padding_mask.dtype} "
-                                 f"{tuple(key_padding_mask.shape)}")
-            ignore = ignore | key_padding_mask[..., None, None, :]
-        if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor):
-                raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-            if attn_mask.shape[-2:] != (n_in, m_in) or (attn_mask.dim() > 2 and attn_mask.shape[-3] != heads):
-                raise ValueError(f"attn_mask must be ({n_in}, {m_in}) or (..., {heads}, {n_in}, {m_in}), "
-                                 f"got {tuple(attn_mask.shape)}")
-            if attn_mask.dtype == torch.bool:
-                ignore = ignore | attn_mask
-            elif attn_mask.is_floating_point():
-                if torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any():
-                    raise ValueError("a float attn_mask may hold finite values and -inf only")
-                left_out = attn_mask == float("-inf")
-                ignore = ignore | left_out
-                bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
-            else:
-                raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
-        ignore, bias = torch.broadcast_tensors(ignore, bias)
-        # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
-        ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
-        ignore[..., n_in:, :m_in] = False
-        return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
+        return score_masks(x, self.heads, self.n, self.args["kv_len"], key_padding_mask, attn_mask, n_in, m_in)
 
     def _per_head(self, name, t, shape):
         if t.dim() == 2:
