@@ -253,3 +253,34 @@ def test_bert_layers_within_torchs_own_error(seed):
         bert_activation(ACT2FN["silu"])
     with pytest.raises(ValueError, match="no BERT layer"):
         simulate_bert_layers(nn.Linear(2, 2), seq_len=4)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_two_layers_chained_in_one_encoder(seed, norm_first, tmp_path):
+    from usim.transformer import fold_weights
+
+    encoder = nn.TransformerEncoder(random_layer(8, 2, 16, "gelu", norm_first), num_layers=2,
+                                    enable_nested_tensor=False).eval()
+    stack = usim.EncoderStackSimulator(4, 8, 2, 16, layers=2, activation="gelu", norm_first=norm_first)
+    assert stack.depth == 44
+
+    def weights(layer, dtype):
+        mha = layer.self_attn
+        (wq, wk, wv), (bq, bk, bv) = mha.in_proj_weight.chunk(3), mha.in_proj_bias.chunk(3)
+        return fold_weights(2, (wq, bq), (wk, bk), (wv, bv), mha.out_proj, layer.norm1, layer.linear1, layer.linear2,
+                            layer.norm2, dtype)
+
+    x = torch.randn(3, 4, 8)
+    mask = PADDING[:, 2:]
+    with torch.no_grad():
+        ref = float64_copy(encoder)(x.double(), src_key_padding_mask=mask)
+        torch_err = (encoder(x, src_key_padding_mask=mask).double() - ref).abs().max().item()
+        ours = stack(x, [weights(layer, torch.float32) for layer in encoder.layers], key_padding_mask=mask)
+        exact = stack(x.double(), [weights(layer, torch.float64) for layer in encoder.layers], key_padding_mask=mask)
+    err = (ours.double() - ref).abs().max().item()
+    assert err <= 10 * torch_err + ulp_floor(ref, torch.float32), (seed, err, torch_err)
+    assert (exact - ref).abs().max().item() <= 1e-12, seed
+    with pytest.raises(ValueError, match="2 layers"):
+        stack(x, [weights(encoder.layers[0], torch.float32)])
+    usim.save(stack, tmp_path / "stack.safetensors")  # checked against a fresh construction on load
+    assert usim.load(tmp_path / "stack.safetensors").args == stack.args

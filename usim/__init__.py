@@ -4,8 +4,8 @@ from usim.checkpoint import load, save
 from usim.engine import Encoder
 from usim.layout import Block, Layout
 from usim.mha import SimulatedMultiheadAttention, simulate_attention
-from usim.ops import (Construction, Determinant, EncoderLayerSimulator, GroupSort, Inverse, MatMul, MaxMin, ReLU,
-                      SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
+from usim.ops import (Construction, Determinant, EncoderLayerSimulator, EncoderStackSimulator, GroupSort, Inverse,
+                      MatMul, MaxMin, ReLU, SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
                       SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
 from usim.plot import plot  # matplotlib is imported only when a figure is drawn
 from usim.progress import set_progress
@@ -13,8 +13,8 @@ from usim.transformer import SimulatedTransformerEncoderLayer, simulate_layers
 
 __version__ = "0.1.0"
 
-__all__ = ["Block", "Construction", "Determinant", "Encoder", "EncoderLayerSimulator", "GroupSort", "Inverse",
-           "Layout", "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
-           "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
+__all__ = ["Block", "Construction", "Determinant", "Encoder", "EncoderLayerSimulator", "EncoderStackSimulator",
+           "GroupSort", "Inverse", "Layout", "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork",
+           "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
            "SimulatedTransformerEncoderLayer", "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save",
            "set_progress", "simulate_attention", "simulate_layers"]

@@ -113,40 +113,44 @@ def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vd
 
 
 def attention_stages(pipe: Pipeline, heads: int, r: int, x: str = "x", xk: str = "xk", xv: str = "xv",
-                     y: str = "y", qkv_bias: bool = False, residual: str | None = None) -> None:
+                     y: str = "y", qkv_bias: bool = False, residual: str | None = None, prefix: str = "") -> None:
     """Append the factored attention's stages to ``pipe``: y = sum_h softmax((x W_Q,h)(xk W_K,h)^T)
     (xv W_V,h) W_O,h + 1 * b_O [+ residual]. Reads the input blocks wq{h}, wk{h}, wv{h}, wo{h}, bo,
     one, ignore{h}, bias{h} and scale{h} (see ``_factored_pipeline``); with ``qkv_bias`` also bq{h},
-    bk{h}, bv{h} (r,), added as one more term 1 * b[k] of each projection; ``residual`` names an
-    input block of y's shape added to y (the stage's addend). The weights go to blocks s{h}."""
+    bk{h}, bv{h} (r,), added as one more term 1 * b[k] of each projection; ``residual`` names a block
+    of y's shape added to y (the stage's addend). The weights go to blocks s{h}. ``prefix`` starts the
+    names of the stages, of their blocks and of the weight inputs (not of one and the masks), so that
+    several attentions can share one pipeline."""
     n, d = pipe.shape(x)
     m, kdim = pipe.shape(xk)
     proj = ("wq", "wk", "wv")
     sizes = {"wq": d, "wk": kdim, "wv": pipe.shape(xv)[1]}
-    weights = [pipe.block(f"s{h}", (n, m)) for h in range(heads)]
-    q, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
-    k, v = ([pipe.block(f"{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
+    weights = [pipe.block(f"{prefix}s{h}", (n, m)) for h in range(heads)]
+    q, o = ([pipe.block(f"{prefix}{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
+    k, v = ([pipe.block(f"{prefix}{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
     source = {"wq": x, "wk": xk, "wv": xv}
 
     def projection(w, h, out):
-        left, right, terms = matrix(source[w], "i", "t"), matrix(f"{w}{h}", "t", "k"), sizes[w]
+        left, right, terms = matrix(source[w], "i", "t"), matrix(f"{prefix}{w}{h}", "t", "k"), sizes[w]
         if qkv_bias:  # the last term is 1 * b[k]
             terms += 1
             left = _with_last_term(left, "one", _zero, _zero, terms)
-            right = _with_last_term(right, f"b{w[1]}{h}", _zero, _col, terms)
+            right = _with_last_term(right, f"{prefix}b{w[1]}{h}", _zero, _col, terms)
         return Product(out, terms, left, right)
 
-    pipe.matmul("qkv.", [projection(w, h, blk[h]) for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
-    pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"), addend=f"bias{h}")
-                       for h in range(heads)])
-    pipe.softmax("p.", weights, keep=[f"ignore{h}" for h in range(heads)],
+    pipe.matmul(f"{prefix}qkv.", [projection(w, h, blk[h]) for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
+    pipe.matmul(f"{prefix}s.", [Product(weights[h], r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"),
+                                        addend=f"bias{h}") for h in range(heads)])
+    pipe.softmax(f"{prefix}p.", weights, keep=[f"ignore{h}" for h in range(heads)],
                  scale=[f"scale{h}" for h in range(heads)])  # 1, or dropout's mask / (1 - p)
-    pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
+    pipe.matmul(f"{prefix}pv.", [Product(o[h], m, matrix(weights[h], "i", "t"), matrix(v[h], "t", "k"))
+                                 for h in range(heads)])
     terms = heads * r + 1  # the last term is 1 * b_O[k]
-    pipe.matmul("out.", [Product(y, terms,
-                                 _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
-                                 _with_last_term(_per_head([f"wo{h}" for h in range(heads)], "t", "k", r), "bo",
-                                                 _zero, _col, terms), addend=residual)])
+    pipe.matmul(f"{prefix}out.", [Product(y, terms,
+                                          _with_last_term(_per_head(o, "i", "t", r), "one", _zero, _zero, terms),
+                                          _with_last_term(_per_head([f"{prefix}wo{h}" for h in range(heads)], "t",
+                                                                    "k", r), f"{prefix}bo", _zero, _col, terms),
+                                          addend=residual)])
 
 
 def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in: int, m_in: int):
