@@ -232,7 +232,8 @@ def markdown(r: dict) -> str:
     module = "BertLayer" if whole else "nn.MultiheadAttention"
     lines += ["", f"{'Layer' if whole else 'Attention'} output per layer, max abs error vs float64 {module} "
               "(real tokens):", "",
-              f"| layer | {'simulated' if whole else 'U'} | {module} float32 | ratio | within 10x |", "|---|---|---|---|---|"]
+              f"| layer | {'simulated' if whole else 'U'} | {module} float32 | ratio | within 10x |",
+              "|---|---|---|---|---|"]
     lines += [f"| {p['layer']} | {p['u_max_err']:.2e} | {p['torch_f32_max_err']:.2e} | {p['ratio']:.2f} | "
               f"{'yes' if p['within_10x'] else 'NO'} |" for p in r["per_layer"]]
     return "\n".join(lines)

@@ -5,8 +5,9 @@ from usim.engine import Encoder
 from usim.layout import Block, Layout
 from usim.mha import SimulatedMultiheadAttention, simulate_attention
 from usim.ops import (Construction, Determinant, EncoderLayerSimulator, EncoderStackSimulator, GroupSort, Inverse,
-                      MatMul, MaxMin, ReLU, SimulatedGroupSortNetwork, SimulatedInverseAttention, SimulatedLinearAttention,
-                      SimulatedLinformer, SimulatedParity, Softmax, Transpose, UniversalSimulator)
+                      MatMul, MaxMin, ReLU, SimulatedGroupSortNetwork, SimulatedInverseAttention,
+                      SimulatedLinearAttention, SimulatedLinformer, SimulatedParity, Softmax, Transpose,
+                      UniversalSimulator)
 from usim.plot import plot  # matplotlib is imported only when a figure is drawn
 from usim.progress import set_progress
 from usim.transformer import SimulatedTransformerEncoderLayer, simulate_layers
@@ -15,6 +16,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Block", "Construction", "Determinant", "Encoder", "EncoderLayerSimulator", "EncoderStackSimulator",
            "GroupSort", "Inverse", "Layout", "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork",
-           "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention", "SimulatedParity",
-           "SimulatedTransformerEncoderLayer", "Softmax", "Transpose", "UniversalSimulator", "load", "plot", "save",
-           "set_progress", "simulate_attention", "simulate_layers"]
+           "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedMultiheadAttention",
+           "SimulatedParity", "SimulatedTransformerEncoderLayer", "Softmax", "Transpose", "UniversalSimulator", "load",
+           "plot", "save", "set_progress", "simulate_attention", "simulate_layers"]

@@ -157,8 +157,10 @@ def simulate_bert_attention(model: nn.Module, seq_len: int, *, inplace: bool = F
 
 def _is_bert_layer(module: nn.Module) -> bool:
     inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
-    return (_is_bert_attention(getattr(module, "attention", None)) and isinstance(getattr(inter, "dense", None), nn.Linear)
-            and isinstance(getattr(out, "dense", None), nn.Linear) and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm))
+    return (_is_bert_attention(getattr(module, "attention", None))
+            and isinstance(getattr(inter, "dense", None), nn.Linear)
+            and isinstance(getattr(out, "dense", None), nn.Linear)
+            and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm))
 
 
 def bert_activation(fn) -> str:
@@ -219,9 +221,9 @@ class SimulatedBertLayer(nn.Module):
     def folded(self, dtype=torch.float64) -> list[torch.Tensor]:
         """The encoder's inputs from the layer's weights (float64 folding, differentiable)."""
         sub = self.attention.self
-        return fold_weights(sub.num_attention_heads, *((lin.weight, lin.bias) for lin in (sub.query, sub.key, sub.value)),
-                            self.attention.output.dense, self.attention.output.LayerNorm, self.intermediate.dense,
-                            self.output.dense, self.output.LayerNorm, dtype)
+        qkv = ((lin.weight, lin.bias) for lin in (sub.query, sub.key, sub.value))
+        return fold_weights(sub.num_attention_heads, *qkv, self.attention.output.dense, self.attention.output.LayerNorm,
+                            self.intermediate.dense, self.output.dense, self.output.LayerNorm, dtype)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         extra = [f"argument {i + 2}" for i, a in enumerate(args) if a is not None and a is not False]
@@ -243,7 +245,8 @@ class SimulatedBertLayer(nn.Module):
         return (out,) if self._tuple else out
 
 
-def simulate_bert_layers(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+def simulate_bert_layers(model: nn.Module, seq_len: int, *, inplace: bool = False,
+                         execution: str = "fast") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT encoder layer replaced by a
     :class:`SimulatedBertLayer` built for sequences of at most ``seq_len`` tokens: attention, residuals,
     LayerNorms and feed-forward all computed by constructed encoders (one per distinct size).

@@ -18,5 +18,6 @@ from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
 __all__ = ["Construction", "Determinant", "EncoderLayerSimulator", "EncoderStackSimulator", "GroupSort", "Inverse",
-           "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
-           "Softmax", "Transpose", "UniversalSimulator"]
+           "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
+           "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity", "Softmax", "Transpose",
+           "UniversalSimulator"]

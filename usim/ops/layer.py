@@ -45,7 +45,7 @@ from usim.ops.pipeline import Pipeline, Product, matrix
 from usim.ops.simulator import _col, _with_last_term, _zero, attention_stages, score_masks
 
 LAYER_ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
-# The weights, in the order forward takes them: name -> shape given (E, H, r, F) (per head: stacked).
+# The weights of one layer, in the order forward takes them (their shapes: ``_shapes``; per head: stacked).
 WEIGHTS = ("wq", "wk", "wv", "bq", "bk", "bv", "wo", "bo", "gamma1", "beta1", "w1", "b1", "w2", "b2",
            "gamma2", "beta2")
 

@@ -181,7 +181,8 @@ class Pipeline:
         computed = [b for kind, _, items, _ in self.stages for b in
                     ([p.out for p in items] if kind == "matmul" else [items[1]] if kind == "layernorm" else [])]
         if block in self.inputs or block in computed:
-            raise ValueError(f"stage {tag!r}: block {block!r} is already {'an input' if block in self.inputs else 'computed'}")
+            what = "an input" if block in self.inputs else "computed by an earlier stage"
+            raise ValueError(f"stage {tag!r}: block {block!r} is already {what}")
 
     def mixable(self, homes: list[str]) -> bool:
         """Whether one fetch may read blocks of these home slots (see the module docstring)."""
@@ -356,7 +357,6 @@ class Pipeline:
                      name=f"{tag}scale")
         b.layer([fetch], FFN("bilinear", [Unit(e, p, gate=r)]))
         b.layer(ffn=FFN("bilinear", [Unit(p, dropped, gate=multiplier)]))
-
 
     def _layernorm_layers(self, b: Builder, tag: str, block: str, out: str, gamma: str, beta: str,
                           eps: float) -> None:
