@@ -40,8 +40,8 @@ its source entry (z, i, k) in ``fa.*``, of gamma[k] in ``fb.*`` (row 0, col k) a
     layer 2  head: var = the mean of sq over the token's own row (averaging);  FFN rsqrt: r = 1 / sqrt(var + eps)
     layer 3  FFN bilinear: out = dg * r + c * 1
 
-Tokens outside its block read null (0) everywhere, so the stage's output slot is 0 there (a term
-token's operand addresses may point elsewhere: its layernorm slots are never read).
+At every other token but the term tokens (whose operand addresses point elsewhere, and whose
+layernorm slots are never read) these addresses point at null, so the output slot is 0 there.
 
 One side of a matmul stage (or its addends) may read operands of several homes when at every token
 a fetch can address (never a term token) at most one of those slots is nonzero: ``value`` is 0 at
