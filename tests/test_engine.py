@@ -84,13 +84,16 @@ def test_bilinear_ffn_product_is_exact(seed):
     ("relu", lambda t: torch.relu(3 * t)),
     ("exp", lambda t: torch.exp(3 * t)),
     ("reciprocal", lambda t: torch.reciprocal(3 * t)),
+    ("gelu", lambda t: torch.nn.functional.gelu(3 * t)),
+    ("gelu_tanh", lambda t: torch.nn.functional.gelu(3 * t, approximate="tanh")),
+    ("rsqrt", lambda t: torch.rsqrt(3 * t)),  # NaN where 3 t < 0, as torch's
 ])
 def test_each_activation(seed, activation, reference):
     b = sequence_builder(5)
     b.slot("out")
     b.layer(ffn=FFN(activation, [Unit({"value": 3.0}, "out")]))
     seq = torch.randn(2, 5, dtype=torch.float64)
-    assert torch.equal(run(b, "out", seq), reference(seq)), seed
+    torch.testing.assert_close(run(b, "out", seq), reference(seq), rtol=0, atol=0, equal_nan=True, msg=f"seed {seed}")
 
 
 def test_residual_adds_and_layers_record_activation():
@@ -122,7 +125,7 @@ def test_hooks_expose_pattern_and_stream():
 
 def test_bad_construction_and_input_raise():
     with pytest.raises(ValueError, match="activation"):
-        FFNModule("gelu", torch.zeros(1, 2), torch.zeros(1), torch.zeros(2, 1), torch.zeros(2))
+        FFNModule("swish", torch.zeros(1, 2), torch.zeros(1), torch.zeros(2, 1), torch.zeros(2))
     with pytest.raises(ValueError, match="key shape"):
         HardAttention(torch.zeros(1, 1, 1, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2), torch.zeros(1, 2, 1))
     with pytest.raises(ValueError, match="width"):

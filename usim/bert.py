@@ -21,19 +21,33 @@ attention mask that BERT hands the block (float additive 0 / -inf-like, or bool 
 ``transformers.BertModel``, a model holding one (a sentence-transformers model, ``BertForMaskedLM``), or
 one layer. Attention weights are not returned (``output_attentions`` is not supported).
 
+Whole layers: a ``BertLayer`` (attention block, then ``intermediate``: dense and the activation,
+then ``output``: dense, dropout, residual and LayerNorm) is a post-norm transformer encoder layer,
+
+    h = LayerNorm1(x + attention(x)),   y = LayerNorm2(h + W2 act(W1 h + b1) + b2),
+
+so :func:`simulate_bert_layers` replaces each by a :class:`SimulatedBertLayer`, computed entirely by
+one constructed encoder (``usim.ops.layer``, the same as ``usim.SimulatedTransformerEncoderLayer``):
+attention, residuals, both LayerNorms and the feed-forward network. Activations: "gelu" (exact),
+the tanh forms ("gelu_new", "gelu_pytorch_tanh", "gelu_fast") and "relu".
+
 Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
 
-from usim.mha import SimulatedMultiheadAttention
+from usim.mha import SimulatedMultiheadAttention, _Shared
+from usim.ops.base import check_size
+from usim.transformer import additive_mask, fold_weights, shared_layer
 
-__all__ = ["SimulatedBertAttention", "bert_attention_to_mha", "simulate_bert_attention"]
+__all__ = ["SimulatedBertAttention", "SimulatedBertLayer", "bert_attention_to_mha", "simulate_bert_attention",
+           "simulate_bert_layers"]
 
 
 def _is_bert_attention(module: nn.Module) -> bool:
@@ -43,18 +57,25 @@ def _is_bert_attention(module: nn.Module) -> bool:
             and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm))
 
 
-def bert_attention_to_mha(attention: nn.Module) -> nn.MultiheadAttention:
-    """The ``nn.MultiheadAttention`` (batch_first, no dropout) with a BERT self-attention block's weights."""
+def _check_self_attention(attention: nn.Module) -> None:
+    """ValueError unless the block is plain bidirectional self-attention with square projections."""
     sub, dense = attention.self, attention.output.dense
     if getattr(attention, "is_cross_attention", False) or getattr(sub, "is_decoder", False) \
             or getattr(sub, "is_causal", False):
         raise ValueError("only bidirectional self-attention (a BERT encoder) can be simulated")
     if getattr(sub, "position_embedding_type", "absolute") != "absolute":
         raise ValueError(f"position_embedding_type {sub.position_embedding_type!r} is not supported")
+    embed_dim = sub.query.in_features
+    if any(lin.weight.shape != (embed_dim, embed_dim) for lin in (sub.query, sub.key, sub.value, dense)):
+        raise ValueError("query, key, value and output dense must all be square (all_head_size == hidden_size)")
+
+
+def bert_attention_to_mha(attention: nn.Module) -> nn.MultiheadAttention:
+    """The ``nn.MultiheadAttention`` (batch_first, no dropout) with a BERT self-attention block's weights."""
+    _check_self_attention(attention)
+    sub, dense = attention.self, attention.output.dense
     q, k, v = sub.query, sub.key, sub.value
     embed_dim, heads = q.in_features, sub.num_attention_heads
-    if any(lin.weight.shape != (embed_dim, embed_dim) for lin in (q, k, v, dense)):
-        raise ValueError("query, key, value and output dense must all be square (all_head_size == hidden_size)")
     weight = q.weight
     mha = nn.MultiheadAttention(embed_dim, heads, batch_first=True, device=weight.device, dtype=weight.dtype)
 
@@ -131,4 +152,114 @@ def simulate_bert_attention(model: nn.Module, seq_len: int, *, inplace: bool = F
                          f"found in {type(model).__name__}")
     for parent, name, child in blocks:
         setattr(parent, name, SimulatedBertAttention(child, seq_len, execution=execution))
+    return model
+
+
+def _is_bert_layer(module: nn.Module) -> bool:
+    inter, out = getattr(module, "intermediate", None), getattr(module, "output", None)
+    return (_is_bert_attention(getattr(module, "attention", None))
+            and isinstance(getattr(inter, "dense", None), nn.Linear)
+            and isinstance(getattr(out, "dense", None), nn.Linear)
+            and isinstance(getattr(out, "LayerNorm", None), nn.LayerNorm))
+
+
+def bert_activation(fn) -> str:
+    """The declared activation of a BERT intermediate activation (transformers' ACT2FN modules, by
+    class name): ValueError for any other."""
+    name = type(fn).__name__
+    if name == "GELUActivation":
+        return "gelu"
+    if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation") or \
+            (isinstance(fn, nn.GELU) and fn.approximate == "tanh"):
+        return "gelu_tanh"
+    if isinstance(fn, nn.GELU):
+        return "gelu"
+    if isinstance(fn, nn.ReLU) or fn is torch.relu or fn is torch.nn.functional.relu:
+        return "relu"
+    raise ValueError(f"the intermediate activation {name} is not supported: gelu, the tanh gelus or relu")
+
+
+class SimulatedBertLayer(nn.Module):
+    """Drop-in for a BERT encoder layer (``BertLayer``), computed entirely by one constructed encoder.
+
+    Holds the layer's own ``attention``, ``intermediate`` and ``output`` modules (so its state_dict is
+    the layer's); its forward never runs them: their weights are the encoder's inputs. Returns what
+    the replaced layer returns: the hidden states (transformers 5), or a 1-tuple (4.x). Dropout in
+    training mode is not simulated (ValueError; ``.eval()`` or probabilities 0).
+    """
+
+    _ignored = SimulatedBertAttention._ignored
+
+    def __init__(self, layer: nn.Module, seq_len: int, execution: str = "fast"):
+        super().__init__()
+        check_size("seq_len", seq_len)
+        if not _is_bert_layer(layer):
+            raise TypeError(f"expected a BERT layer (.attention, .intermediate.dense, .output.dense/LayerNorm), "
+                            f"got {type(layer).__name__}")
+        if getattr(layer, "add_cross_attention", False) or getattr(layer, "is_decoder", False):
+            raise ValueError("only encoder layers (no decoder, no cross-attention) can be simulated")
+        _check_self_attention(layer.attention)
+        if getattr(layer, "chunk_size_feed_forward", 0):
+            raise ValueError("chunk_size_feed_forward is not supported (the feed-forward runs whole)")
+        eps = {layer.attention.output.LayerNorm.eps, layer.output.LayerNorm.eps}
+        if len(eps) != 1:
+            raise ValueError(f"the two LayerNorms' eps differ ({sorted(eps)}): one eps per simulated layer")
+        self.attention, self.intermediate, self.output = layer.attention, layer.intermediate, layer.output
+        self._tuple = "output_attentions" in inspect.signature(type(layer).forward).parameters  # transformers 4.x
+        sub = layer.attention.self
+        key = (seq_len, sub.query.in_features, sub.num_attention_heads, layer.intermediate.dense.out_features,
+               bert_activation(layer.intermediate.intermediate_act_fn), False, eps.pop(), execution)
+        self._shared = _Shared(key, shared_layer)
+        self.seq_len = seq_len
+        self.train(layer.training)
+
+    @property
+    def simulator(self):
+        """The encoder computing this layer (shared by every layer of the same sizes; not state)."""
+        return self._shared.module
+
+    def folded(self, dtype=torch.float64) -> list[torch.Tensor]:
+        """The encoder's inputs from the layer's weights (float64 folding, differentiable)."""
+        sub = self.attention.self
+        qkv = ((lin.weight, lin.bias) for lin in (sub.query, sub.key, sub.value))
+        return fold_weights(sub.num_attention_heads, *qkv, self.attention.output.dense, self.attention.output.LayerNorm,
+                            self.intermediate.dense, self.output.dense, self.output.LayerNorm, dtype)
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        extra = [f"argument {i + 2}" for i, a in enumerate(args) if a is not None and a is not False]
+        extra += [k for k, a in kwargs.items() if k not in self._ignored and a is not None and a is not False]
+        if extra:
+            raise NotImplementedError(f"SimulatedBertLayer computes a plain encoder layer; got {extra} (head_mask, "
+                                      "cross-attention, caches and output_attentions are not supported)")
+        if self.training:
+            rates = {name: m.p for name, m in self.named_modules() if isinstance(m, nn.Dropout) and m.p > 0}
+            if rates:
+                raise ValueError(f"dropout in training mode is not simulated (got {rates}): call .eval()")
+        x = hidden_states
+        if x.dim() != 3 or x.shape[1] > self.seq_len:
+            raise ValueError(f"hidden_states must be (batch, length <= seq_len {self.seq_len}, hidden), "
+                             f"got {tuple(x.shape)}")
+        padding = _key_padding_mask(attention_mask, *x.shape[:2])
+        mask = additive_mask(None, padding, x, self.attention.self.num_attention_heads, False)
+        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask)
+        return (out,) if self._tuple else out
+
+
+def simulate_bert_layers(model: nn.Module, seq_len: int, *, inplace: bool = False,
+                         execution: str = "fast") -> nn.Module:
+    """``model`` (deep-copied unless ``inplace``) with every BERT encoder layer replaced by a
+    :class:`SimulatedBertLayer` built for sequences of at most ``seq_len`` tokens: attention, residuals,
+    LayerNorms and feed-forward all computed by constructed encoders (one per distinct size).
+
+    Raises ValueError if the model holds no BERT layer, or later, in forward, for a longer input.
+    """
+    check_size("seq_len", seq_len)
+    model = model if inplace else copy.deepcopy(model)
+    layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+              if _is_bert_layer(child)]
+    if not layers:
+        raise ValueError(f"no BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm) found in "
+                         f"{type(model).__name__}")
+    for parent, name, child in layers:
+        setattr(parent, name, SimulatedBertLayer(child, seq_len, execution=execution))
     return model

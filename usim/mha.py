@@ -52,17 +52,18 @@ def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, kdim: int,
 
 class _Shared:
     """Holds a shared simulator outside the module tree: not in state_dict, not copied by deepcopy,
-    pickled as its sizes (rebuilt or found again on load)."""
+    pickled as its sizes (rebuilt or found again on load). ``build(*key)`` finds or builds it
+    (default: ``shared_simulator``)."""
 
-    def __init__(self, key: tuple):
-        self.key = key
-        self.module = shared_simulator(*key)
+    def __init__(self, key: tuple, build=None):
+        self.key, self.build = key, build
+        self.module = (build or shared_simulator)(*key)
 
     def __deepcopy__(self, memo):
         return self
 
     def __reduce__(self):
-        return _Shared, (self.key,)
+        return _Shared, ((self.key,) if self.build is None else (self.key, self.build))
 
 
 class SimulatedMultiheadAttention(nn.Module):

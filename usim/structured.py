@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from usim.activations import ZERO_AT_ZERO, activate
 from usim.average import tree_sum
 from usim.plan import static_slots, written_slots
 
@@ -350,7 +351,7 @@ class _Run:
         """[(slot, cell, delta)]: the FFN at its block, cell by cell (where its inputs are one part
         each); over several cells the outputs are written into one tensor per slot."""
         reads = sorted({s for terms, _ in step.pre for s, _ in terms})
-        if step.activation in ZERO_AT_ZERO and all(self.zero(s, step.block) for s in reads) and \
+        if (step.activation in ZERO_AT_ZERO or step.activation == "bilinear") and all(self.zero(s, step.block) for s in reads) and \
                 all(bias == 0 for _, bias in step.pre) and all(bias == 0 for _, _, bias in step.out):
             return []  # zeros in, zeros out: the written slots stay the stream's -0.0
         cells = self.split(step.block, reads)
@@ -426,26 +427,16 @@ class _Run:
             self.fields[slot, block] = [(full, total if fresh else self.whole(slot, block) + total)]
 
 
-ZERO_AT_ZERO = ("identity", "relu", "bilinear")  # activations that map 0 to 0
-
-
 def _tiles(cells: set, full: Cell) -> bool:
     return sum([math.prod(c.shape) for c in cells]) == math.prod(full.shape)
 
 
 def _activate(activation: str, pre: list) -> list:
-    if activation == "identity":
-        return pre
-    if activation == "relu":
-        return [torch.relu(t) for t in pre]
-    if activation == "exp":
-        return [torch.exp(t) for t in pre]
-    if activation == "reciprocal":
-        return [torch.reciprocal(t) for t in pre]
+    """The declared activation on each pre-activation (bilinear: the first half times the second)."""
     if activation == "bilinear":
         half = len(pre) // 2
         return [a * b for a, b in zip(pre[:half], pre[half:])]
-    raise NotStructured(f"activation {activation!r}")
+    return [activate(activation, t) for t in pre]
 
 
 # --- planning ------------------------------------------------------------------------------

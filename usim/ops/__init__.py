@@ -7,6 +7,7 @@ from usim.ops.groupsort import GroupSort
 from usim.ops.groupsort_network import SimulatedGroupSortNetwork
 from usim.ops.inverse import Inverse
 from usim.ops.inverse_simulator import SimulatedInverseAttention
+from usim.ops.layer import EncoderLayerSimulator, EncoderStackSimulator
 from usim.ops.linear_attention import SimulatedLinearAttention
 from usim.ops.linformer import SimulatedLinformer
 from usim.ops.matmul import MatMul
@@ -17,6 +18,7 @@ from usim.ops.simulator import UniversalSimulator
 from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
-__all__ = ["AttentionCore", "Construction", "Determinant", "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU",
-           "SimulatedGroupSortNetwork", "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity",
-           "Softmax", "Transpose", "UniversalSimulator"]
+__all__ = ["AttentionCore", "Construction", "Determinant", "EncoderLayerSimulator", "EncoderStackSimulator",
+           "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
+           "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity", "Softmax", "Transpose",
+           "UniversalSimulator"]

@@ -33,6 +33,27 @@ head of the softmax's first layer copies into x the entry's own score if its key
 score of a kept key of its row (the nearest column): e = exp(x - max - MASKED * drop) is exactly 0
 for a masked key whatever its score (finite, infinite or NaN), since x - max <= 0.
 
+A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
+biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
+its source entry (z, i, k) in ``fa.*``, of gamma[k] in ``fb.*`` (row 0, col k) and of beta[k] in
+``lb.block`` (with ``fb.row``, ``fb.col``):
+
+    layer 1  heads: the mean mu of z's row i (averaging head, keys (block, row) == (fa.block, fa.row));
+             v = z[i, k]; g = gamma[k]; c = beta[k];  FFN bilinear: sq = (v - mu)^2, dg = (v - mu) * g
+    layer 2  head: var = the mean of sq over the token's own row (averaging);  FFN rsqrt: r = 1 / sqrt(var + eps)
+    layer 3  FFN bilinear: out = dg * r + c * 1
+
+At every other token but the term tokens (whose operand addresses point elsewhere, and whose
+layernorm slots are never read) these addresses point at null, so the output slot is 0 there.
+
+One side of a matmul stage (or its addends) may read operands of several homes when at every token
+a fetch can address (never a term token) at most one of those slots is nonzero: ``value`` is 0 at
+every token but the input blocks'; a matmul stage's output slot is 0 at every token but the matmul
+outputs' (elsewhere ``rd`` and ``ad`` point at null); a layernorm's output slot is 0 at every token
+but the layernorm outputs' and the term tokens. So a fetch may mix ``value``, one matmul output slot
+and one layernorm output slot; not two of a kind, nor a softmax's weights (computed at every token).
+Each block is computed by one stage only.
+
 All scores are exact small integers (block indices and coordinates), never raw positions.
 """
 
@@ -43,12 +64,14 @@ from typing import Callable
 
 import torch
 
-from usim.construct import FFN, Builder, Head, Unit, match, maximize
+from usim.activations import ZERO_AT_ZERO
+from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
 from usim.progress import track
 from usim.ops.softmax import MASKED
 
 ADDRESS = ("block", "row", "col")
+MIXING = "a fetch may mix only 'value', one matmul output and one layernorm output"
 
 
 @dataclass
@@ -61,7 +84,7 @@ class Product:
     terms: int
     left: Callable
     right: Callable
-    addend: str | None = None  # an input block of out's shape added to the result (e.g. a score bias)
+    addend: str | None = None  # a block of out's shape added to the result (a score bias, a residual)
 
 
 class Pipeline:
@@ -90,13 +113,14 @@ class Pipeline:
         """A stage computing every product (each into its out block) in two layers; returns the
         stage's output slot. A product with fewer terms than the stage's most gets zero terms (both
         operands read at ``null``), so every output averages the same number of terms."""
-        if activation not in ("identity", "relu"):
-            raise ValueError(f"stage {tag!r}: activation must map 0 to 0 (identity or relu), got {activation!r}")
+        if activation not in ZERO_AT_ZERO:
+            raise ValueError(f"stage {tag!r}: activation must map 0 to 0 (one of {ZERO_AT_ZERO}), got {activation!r}")
         out = f"{tag}out"
         terms = max(p.terms for p in products)
         for p in products:
             if len(self.shape(p.out)) != 2:
                 raise ValueError(f"stage {tag!r}: output block {p.out!r} must be a matrix")
+            self._check_new(tag, p.out)
             self.scratch[f"{tag}terms:{p.out}"] = (*self.shape(p.out), terms)
         self.stages.append(("matmul", tag, products, activation))
         for p in products:
@@ -133,6 +157,40 @@ class Pipeline:
         for b in blocks:
             self.home[b] = result
         return result
+
+    def layernorm(self, tag: str, block: str, out: str, gamma: str, beta: str, eps: float) -> str:
+        """out = LayerNorm of each row of ``block`` (its home slot), as torch's: (z - mean) / sqrt(var +
+        eps) * gamma + beta with the biased variance; gamma and beta are input vectors (E,), eps > 0 a
+        constant of the construction. ``out`` is a new block of block's shape; returns its slot."""
+        shape = self.shape(block)
+        if len(shape) != 2 or self.shape(out) != shape:
+            raise ValueError(f"layernorm {tag!r}: {block!r} {shape} and {out!r} {self.shape(out)} must be matrices "
+                             "of one shape")
+        for name in (gamma, beta):
+            if name not in self.inputs or self.shape(name) != shape[1:]:
+                raise ValueError(f"layernorm {tag!r}: {name!r} must be an input vector ({shape[1]},), "
+                                 f"got {self.shape(name)}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and eps < float("inf")):
+            raise ValueError(f"layernorm {tag!r}: eps must be a positive finite number, got {eps!r}")
+        self.home_at(block, tag)  # computed before it is read
+        self._check_new(tag, out)
+        self.stages.append(("layernorm", tag, (block, out, gamma, beta), float(eps)))
+        self.home[out] = f"{tag}out"
+        return f"{tag}out"
+
+    def _check_new(self, tag: str, block: str) -> None:
+        """A stage's output must be a block no input fills and no earlier stage computes."""
+        computed = [b for kind, _, items, _ in self.stages for b in
+                    ([p.out for p in items] if kind == "matmul" else [items[1]] if kind == "layernorm" else [])]
+        if block in self.inputs or block in computed:
+            what = "an input" if block in self.inputs else "computed by an earlier stage"
+            raise ValueError(f"stage {tag!r}: block {block!r} is already {what}")
+
+    def mixable(self, homes: list[str]) -> bool:
+        """Whether one fetch may read blocks of these home slots (see the module docstring)."""
+        kinds = ["input" if home == "value" else next((kind for kind, tag, _, _ in self.stages if home == f"{tag}out"
+                                                      and kind in ("matmul", "layernorm")), home) for home in homes]
+        return len(homes) <= 1 or (len(set(kinds)) == len(kinds) and set(kinds) <= {"input", "matmul", "layernorm"})
 
     # --- building -------------------------------------------------------------------------
     def build(self) -> tuple[Builder, Layout]:
@@ -190,12 +248,22 @@ class Pipeline:
         for kind, tag, products, _ in self.stages:  # each output's addend (a bias block), else null (0)
             for p in (products if kind == "matmul" else []):
                 if p.addend is not None:
-                    if self.shape(p.addend) != self.shape(p.out) or p.addend not in self.inputs:
-                        raise ValueError(f"stage {tag!r}: addend {p.addend!r} must be an input block of "
+                    if self.shape(p.addend) != self.shape(p.out):
+                        raise ValueError(f"stage {tag!r}: addend {p.addend!r} must be a block of "
                                          f"{p.out!r}'s shape {self.shape(p.out)}")
                     addresses.setdefault("ad.block", {})[index[p.out]] = (index[p.addend], (0, 0))
                     addresses.setdefault("ad.row", {})[index[p.out]] = (0, (1, 0))
                     addresses.setdefault("ad.col", {})[index[p.out]] = (0, (0, 1))
+        norms = [items for kind, _, items, _ in self.stages if kind == "layernorm"]
+        if norms:  # source entry (fa), gamma (fb: row 0, col k), beta (lb.block) of each output token
+            addresses["lb.block"] = {}
+            for block, out, gamma, beta in norms:
+                at = index[out]
+                for name, form in (("fa.block", (index[block], (0, 0))), ("fa.row", (0, (1, 0))),
+                                   ("fa.col", (0, (0, 1))), ("fb.block", (index[gamma], (0, 0))),
+                                   ("fb.row", (0, (0, 0))), ("fb.col", (0, (0, 1))),
+                                   ("lb.block", (index[beta], (0, 0)))):
+                    addresses[name][at] = form
         for name, per_block in addresses.items():
             default = (null, None) if name.endswith(".block") else None
             b.positional_affine(name, lambda blk, i, per_block=per_block, default=default:
@@ -213,6 +281,8 @@ class Pipeline:
                 home = f"{stage_tag}out"
             if kind == "softmax" and block in items:
                 home = f"{stage_tag}pd" if stage_tag in self.scales else f"{stage_tag}p"
+            if kind == "layernorm" and block == items[1]:
+                home = f"{stage_tag}out"
         if home is None:
             raise ValueError(f"stage {tag!r} reads block {block!r} before any stage computes it")
         return home
@@ -225,11 +295,8 @@ class Pipeline:
                 heads = []
                 for side, slot in (("fa", a), ("fb", c)):
                     sources = sorted(homes[tag, side])
-                    mixed = len(sources) > 1
-                    if mixed and (len(sources) > 2 or "value" not in sources or
-                                  not any(s.endswith("out") and s != "value" for s in sources)):
-                        raise ValueError(f"stage {tag!r}: one side reads operands of homes {sources}; it may "
-                                         "mix only 'value' and one matmul output")
+                    if not self.mixable(sources):
+                        raise ValueError(f"stage {tag!r}: one side reads operands of homes {sources}; {MIXING}")
                     target = match({name: f"{side}.{name}" for name in ADDRESS})
                     heads += [Head([target], [(src, slot)], name=f"{tag}{side} from {src}") for src in sources]
                 if first and self.keep_flags:
@@ -240,12 +307,18 @@ class Pipeline:
                 reduce = Head([match({name: f"rd.{name}" for name in ADDRESS})], [(term, mean)],
                               name=f"{tag}sum", average=True)
                 heads, total = [reduce], {mean: float(terms)}
-                if any(p.addend is not None for p in items):  # out = act(T * mean + addend)
+                addends = sorted({self.home_at(p.addend, tag) for p in items if p.addend is not None})
+                if addends:  # out = act(T * mean + addend)
+                    if not self.mixable(addends):
+                        raise ValueError(f"stage {tag!r}: addends of homes {addends}: {MIXING}")
                     add = b.slot(f"{tag}add")
-                    heads.append(Head([match({name: f"ad.{name}" for name in ADDRESS})], [("value", add)],
-                                      name=f"{tag}addend"))
+                    heads += [Head([match({name: f"ad.{name}" for name in ADDRESS})], [(src, add)],
+                                   name=f"{tag}addend" + (f" from {src}" if len(addends) > 1 else ""))
+                              for src in addends]
                     total[add] = 1.0
                 b.layer(heads, FFN(option, [Unit(total, out)]))
+            elif kind == "layernorm":
+                self._layernorm_layers(b, tag, *items, eps=option)
             else:
                 self._softmax_layers(b, tag, items, option)
 
@@ -288,6 +361,23 @@ class Pipeline:
                      name=f"{tag}scale")
         b.layer([fetch], FFN("bilinear", [Unit(e, p, gate=r)]))
         b.layer(ffn=FFN("bilinear", [Unit(p, dropped, gate=multiplier)]))
+
+    def _layernorm_layers(self, b: Builder, tag: str, block: str, out: str, gamma: str, beta: str,
+                          eps: float) -> None:
+        src = self.home_at(block, tag)
+        mu, v, g, c, sq, dg, var, r, y = (b.slot(f"{tag}{s}") for s in ("mean", "v", "g", "c", "sq", "dg", "var",
+                                                                          "r", "out"))
+        source = {a: f"fa.{a}" for a in ADDRESS}
+        b.layer([Head([match({"block": "fa.block", "row": "fa.row"})], [(src, mu)], name=f"{tag}mean", average=True),
+                 Head([match(source)], [(src, v)], name=f"{tag}fetch"),
+                 Head([match({a: f"fb.{a}" for a in ADDRESS})], [("value", g)], name=f"{tag}gamma"),
+                 Head([match({"block": "lb.block", "row": "fb.row", "col": "fb.col"})], [("value", c)],
+                      name=f"{tag}beta")],
+                FFN("bilinear", [Unit({v: 1.0, mu: -1.0}, sq, gate={v: 1.0, mu: -1.0}),
+                                 Unit({v: 1.0, mu: -1.0}, dg, gate=g)]))
+        b.layer([Head([match({"block": "block", "row": "row"})], [(sq, var)], name=f"{tag}var", average=True)],
+                FFN("rsqrt", [Unit({var: 1.0, ONE: eps}, r)]))
+        b.layer(ffn=FFN("bilinear", [Unit(dg, y, gate=r), Unit(c, y, gate=ONE)]))
 
 
 def _coordinates(b: Builder, layout: Layout) -> None:

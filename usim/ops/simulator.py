@@ -76,21 +76,88 @@ def _factored_pipeline(n: int, d: int, heads: int, r: int, m: int, kdim: int, vd
               **{f"scale{h}": (n, m) for h in range(heads)}}
     weights = {f"s{h}": (n, m) for h in range(heads)}
     pipe = Pipeline(inputs, {"y": (n, d), **weights})
-    q, o = ([pipe.block(f"{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
-    k, v = ([pipe.block(f"{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
-    source = {"wq": "x", "wk": "xk", "wv": "xv"}
-    pipe.matmul("qkv.", [Product(blk[h], sizes[w], matrix(source[w], "i", "t"), matrix(f"{w}{h}", "t", "k"))
-                         for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
-    pipe.matmul("s.", [Product(f"s{h}", r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"), addend=f"bias{h}")
-                       for h in range(heads)])
-    pipe.softmax("p.", list(weights), keep=[f"ignore{h}" for h in range(heads)],
-                 scale=[f"scale{h}" for h in range(heads)])  # 1, or dropout's mask / (1 - p)
-    pipe.matmul("pv.", [Product(o[h], m, matrix(f"s{h}", "i", "t"), matrix(v[h], "t", "k")) for h in range(heads)])
-    terms = heads * r + 1  # the last term is 1 * b_O[k]
-    pipe.matmul("out.", [Product("y", terms,
-                                 stacked(o, "i", "t", r).then("one", "0", "0", terms),
-                                 stacked([f"wo{h}" for h in range(heads)], "t", "k", r).then("bo", "0", "k", terms))])
+    attention_stages(pipe, heads, r)
     return pipe
+
+
+def attention_stages(pipe: Pipeline, heads: int, r: int, x: str = "x", xk: str = "xk", xv: str = "xv",
+                     y: str = "y", qkv_bias: bool = False, residual: str | None = None, prefix: str = "") -> None:
+    """Append the factored attention's stages to ``pipe``: y = sum_h softmax((x W_Q,h)(xk W_K,h)^T)
+    (xv W_V,h) W_O,h + 1 * b_O [+ residual]. Reads the input blocks wq{h}, wk{h}, wv{h}, wo{h}, bo,
+    one, ignore{h}, bias{h} and scale{h} (see ``_factored_pipeline``); with ``qkv_bias`` also bq{h},
+    bk{h}, bv{h} (r,), added as one more term 1 * b[k] of each projection; ``residual`` names a block
+    of y's shape added to y (the stage's addend). The weights go to blocks s{h}. ``prefix`` starts the
+    names of the stages, of their blocks and of the weight inputs (not of one and the masks), so that
+    several attentions can share one pipeline."""
+    n, d = pipe.shape(x)
+    m, kdim = pipe.shape(xk)
+    proj = ("wq", "wk", "wv")
+    sizes = {"wq": d, "wk": kdim, "wv": pipe.shape(xv)[1]}
+    weights = [pipe.block(f"{prefix}s{h}", (n, m)) for h in range(heads)]
+    q, o = ([pipe.block(f"{prefix}{name}{h}", (n, r)) for h in range(heads)] for name in ("q", "o"))
+    k, v = ([pipe.block(f"{prefix}{name}{h}", (m, r)) for h in range(heads)] for name in ("k", "v"))
+    source = {"wq": x, "wk": xk, "wv": xv}
+
+    def projection(w, h, out):
+        left, right, terms = matrix(source[w], "i", "t"), matrix(f"{prefix}{w}{h}", "t", "k"), sizes[w]
+        if qkv_bias:  # the last term is 1 * b[k]
+            terms += 1
+            left = left.then("one", "0", "0", terms)
+            right = right.then(f"{prefix}b{w[1]}{h}", "0", "k", terms)
+        return Product(out, terms, left, right)
+
+    pipe.matmul(f"{prefix}qkv.", [projection(w, h, blk[h]) for w, blk in zip(proj, (q, k, v)) for h in range(heads)])
+    pipe.matmul(f"{prefix}s.", [Product(weights[h], r, matrix(q[h], "i", "t"), matrix(k[h], "k", "t"),
+                                        addend=f"bias{h}") for h in range(heads)])
+    pipe.softmax(f"{prefix}p.", weights, keep=[f"ignore{h}" for h in range(heads)],
+                 scale=[f"scale{h}" for h in range(heads)])  # 1, or dropout's mask / (1 - p)
+    pipe.matmul(f"{prefix}pv.", [Product(o[h], m, matrix(weights[h], "i", "t"), matrix(v[h], "t", "k"))
+                                 for h in range(heads)])
+    terms = heads * r + 1  # the last term is 1 * b_O[k]
+    pipe.matmul(f"{prefix}out.", [Product(y, terms,
+                                          stacked(o, "i", "t", r).then("one", "0", "0", terms),
+                                          stacked([f"{prefix}wo{h}" for h in range(heads)], "t", "k", r)
+                                          .then(f"{prefix}bo", "0", "k", terms),
+                                          addend=residual)])
+
+
+def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in: int, m_in: int,
+                finite: bool = True):
+    """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
+    bias of a U built for n queries and m keys, from key_padding_mask (..., m_in) and attn_mask
+    ((n_in, m_in) or (..., heads, n_in, m_in), bool or float) for n_in queries and m_in keys; padded
+    keys are ignored (unless there are no keys at all), padded queries ignore only padded keys (their
+    rows stay finite). ``finite=False`` lets NaN and +inf of a float attn_mask into the bias."""
+    ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
+    bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (m_in,):
+            raise ValueError(f"key_padding_mask must be bool (..., {m_in}), got {key_padding_mask.dtype} "
+                             f"{tuple(key_padding_mask.shape)}")
+        ignore = ignore | key_padding_mask[..., None, None, :]
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.shape[-2:] != (n_in, m_in) or (attn_mask.dim() > 2 and attn_mask.shape[-3] != heads):
+            raise ValueError(f"attn_mask must be ({n_in}, {m_in}) or (..., {heads}, {n_in}, {m_in}), "
+                             f"got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype == torch.bool:
+            ignore = ignore | attn_mask
+        elif attn_mask.is_floating_point():
+            if finite and (torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any()):
+                raise ValueError("a float attn_mask may hold finite values and -inf only")
+            left_out = attn_mask == float("-inf")
+            ignore = ignore | left_out
+            bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
+        else:
+            raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+    ignore, bias = torch.broadcast_tensors(ignore, bias)
+    # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
+    ignore = F.pad(F.pad(ignore, (0, m - m_in), value=m_in > 0), (0, 0, 0, n - n_in), value=False)
+    ignore[..., n_in:, :m_in] = False
+    return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
 
 @register
@@ -282,40 +349,8 @@ class UniversalSimulator(Construction):
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
 
     def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in, finite=True):
-        """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
-        bias, from key_padding_mask (..., m) and attn_mask; padded keys are ignored (unless there are
-        no keys at all). ``finite=False`` lets NaN and +inf of a float attn_mask into the bias."""
-        heads, n, m = self.heads, self.n, self.args["kv_len"]
-        ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
-        bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
-        if key_padding_mask is not None:
-            if not isinstance(key_padding_mask, torch.Tensor):
-                raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(key_padding_mask).__name__}")
-            if key_padding_mask.dtype != torch.bool or key_padding_mask.shape[-1:] != (m_in,):
-                raise ValueError(f"key_padding_mask must be bool (..., {m_in}), got {key_padding_mask.dtype} "
-                                 f"{tuple(key_padding_mask.shape)}")
-            ignore = ignore | key_padding_mask[..., None, None, :]
-        if attn_mask is not None:
-            if not isinstance(attn_mask, torch.Tensor):
-                raise TypeError(f"attn_mask must be a torch.Tensor, got {type(attn_mask).__name__}")
-            if attn_mask.shape[-2:] != (n_in, m_in) or (attn_mask.dim() > 2 and attn_mask.shape[-3] != heads):
-                raise ValueError(f"attn_mask must be ({n_in}, {m_in}) or (..., {heads}, {n_in}, {m_in}), "
-                                 f"got {tuple(attn_mask.shape)}")
-            if attn_mask.dtype == torch.bool:
-                ignore = ignore | attn_mask
-            elif attn_mask.is_floating_point():
-                if finite and (torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any()):
-                    raise ValueError("a float attn_mask may hold finite values and -inf only")
-                left_out = attn_mask == float("-inf")
-                ignore = ignore | left_out
-                bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
-            else:
-                raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
-        ignore, bias = torch.broadcast_tensors(ignore, bias)
-        # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
-        ignore = F.pad(F.pad(ignore, (0, m - m_in), value=m_in > 0), (0, 0, 0, n - n_in), value=False)
-        ignore[..., n_in:, :m_in] = False
-        return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
+        return score_masks(x, self.heads, self.n, self.args["kv_len"], key_padding_mask, attn_mask, n_in, m_in,
+                           finite=finite)
 
     def _per_head(self, name, t, shape):
         if t.dim() == 2:

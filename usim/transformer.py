@@ -1,0 +1,260 @@
+"""A drop-in for ``torch.nn.TransformerEncoderLayer`` computed entirely by one constructed encoder.
+
+The layer's weights become the inputs of ``usim.ops.layer.EncoderLayerSimulator`` (attention,
+residuals, both LayerNorms and the feed-forward network), folded in float64 (differentiably) and
+cast to the input's dtype:
+
+    W_Q,h = Wq[h]^T / sqrt(r), b_Q,h = bq[h] / sqrt(r);  W_K,h, b_K,h, W_V,h, b_V,h likewise unscaled
+    W_O,h = out_proj.weight[:, h]^T, b_O = out_proj.bias   (heads split the E features into chunks of r)
+    W1 = linear1.weight^T, b1 = linear1.bias;  W2 = linear2.weight^T, b2 = linear2.bias
+    gamma1, beta1 = norm1.weight, norm1.bias;  gamma2, beta2 = norm2.weight, norm2.bias
+
+(absent biases are 0). The module keeps torch's submodules (``self_attn``, ``linear1``,
+``linear2``, ``norm1``, ``norm2``, the dropouts) as the holders of its parameters, so its state_dict
+is the torch layer's, key for key; its forward never calls them. The encoder is not state: every
+drop-in of the same sizes (seq_len, d_model, heads, dim_feedforward, activation, norm placement,
+eps, execution) shares one. ``src_mask`` and ``src_key_padding_mask`` (bool, True = left out, or
+float, added to the scores) become the encoder's per-head ignore flags and score bias.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import threading
+import weakref
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from usim.engine import EXECUTIONS
+from usim.mha import _Shared
+from usim.ops.base import check_size
+from usim.ops.layer import EncoderLayerSimulator
+
+_LAYERS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+
+def shared_layer(seq_len: int, d_model: int, heads: int, hidden: int, activation: str, norm_first: bool,
+                 eps: float, execution: str) -> EncoderLayerSimulator:
+    """The layer encoder of these sizes, built on first use and kept while a drop-in holds it."""
+    key = (seq_len, d_model, heads, hidden, activation, norm_first, eps, execution)
+    with _LOCK:
+        simulator = _LAYERS.get(key)
+        if simulator is None:
+            simulator = EncoderLayerSimulator(seq_len, d_model, heads, hidden, activation, norm_first, eps,
+                                              execution=execution)
+            _LAYERS[key] = simulator
+        return simulator
+
+
+def activation_name(activation) -> str:
+    """"relu", "gelu" or "gelu_tanh" for the activations nn.TransformerEncoderLayer may hold
+    (the strings "relu" / "gelu", F.relu, F.gelu, nn.ReLU, nn.GELU); ValueError for anything else."""
+    if activation in ("relu", F.relu) or isinstance(activation, nn.ReLU):
+        return "relu"
+    if activation in ("gelu", F.gelu):
+        return "gelu"
+    if isinstance(activation, nn.GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    raise ValueError(f"activation {activation!r} is not supported: relu or gelu (exact or tanh) only")
+
+
+class SimulatedTransformerEncoderLayer(nn.Module):
+    r"""An encoder layer with the signature of :class:`torch.nn.TransformerEncoderLayer`, computed by
+    one constructed encoder (``usim.ops.layer``), for sequences of at most ``seq_len`` tokens.
+
+    Same arguments as ``nn.TransformerEncoderLayer`` (plus ``seq_len`` and ``execution``). Dropout is
+    applied only in training mode and is not simulated: a training-mode forward with a dropout
+    probability above 0 raises ValueError (call ``.eval()`` or use ``dropout=0``).
+    """
+
+    def __init__(self, d_model: int, nhead: int, seq_len: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
+                 bias: bool = True, device=None, dtype=None, execution: str = "fast"):
+        super().__init__()
+        check_size("d_model", d_model)
+        check_size("nhead", nhead)
+        check_size("seq_len", seq_len)
+        check_size("dim_feedforward", dim_feedforward)
+        if d_model % nhead:
+            raise ValueError(f"d_model {d_model} must be divisible by nhead {nhead}")
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=batch_first,
+                                               **factory)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self._activation = activation_name(activation)
+        self.activation = {"relu": F.relu, "gelu": F.gelu}.get(activation, activation) if isinstance(activation, str) \
+            else activation
+        self.seq_len, self._eps = seq_len, float(layer_norm_eps)
+        self.execution = execution
+
+    @property
+    def batch_first(self) -> bool:
+        return self.self_attn.batch_first
+
+    def extra_repr(self) -> str:
+        return (f"seq_len={self.seq_len}, activation={self._activation}, norm_first={self.norm_first}, "
+                f"eps={self.norm1.eps}")
+
+    @property
+    def simulator(self) -> EncoderLayerSimulator:
+        """The encoder computing this layer (shared by every drop-in of the same sizes; not state)."""
+        return self._shared.module
+
+    @property
+    def execution(self) -> str:
+        return self._shared.key[-1]
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        if mode not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+        self._shared = _Shared((self.seq_len, self.self_attn.embed_dim, self.self_attn.num_heads,
+                                self.linear1.out_features, self._activation, bool(self.norm_first), self._eps,
+                                mode), shared_layer)
+
+    @classmethod
+    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int,
+                   execution: str = "fast") -> "SimulatedTransformerEncoderLayer":
+        """The drop-in with the weights, options and mode of an ``nn.TransformerEncoderLayer``."""
+        if not isinstance(layer, nn.TransformerEncoderLayer):
+            raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(layer).__name__}")
+        mha = layer.self_attn
+        unsupported = [name for name, bad in (
+            ("add_bias_kv", mha.bias_k is not None), ("add_zero_attn", mha.add_zero_attn),
+            ("kdim/vdim != d_model", not mha._qkv_same_embed_dim),
+            ("norm1.eps != norm2.eps", layer.norm1.eps != layer.norm2.eps),
+            ("LayerNorm without elementwise_affine", not (layer.norm1.elementwise_affine and
+                                                         layer.norm2.elementwise_affine))) if bad]
+        if unsupported:
+            raise ValueError(f"unsupported options of this nn.TransformerEncoderLayer: {', '.join(unsupported)}")
+        p = layer.linear1.weight
+        sim = cls(mha.embed_dim, mha.num_heads, seq_len, layer.linear1.out_features, layer.dropout.p,
+                  layer.activation, layer.norm1.eps, mha.batch_first, layer.norm_first,
+                  bias=mha.in_proj_bias is not None, device=p.device, dtype=p.dtype, execution=execution)
+        for name in ("dropout", "dropout1", "dropout2"):
+            getattr(sim, name).p = getattr(layer, name).p
+        sim.self_attn.dropout = mha.dropout
+        sim.load_state_dict(layer.state_dict(), strict=True)
+        return sim.train(layer.training)
+
+    def folded(self, dtype=torch.float64) -> list[torch.Tensor]:
+        """The encoder's weights (``usim.ops.layer.WEIGHTS``), folded from the layer's parameters in
+        float64 and cast to dtype; differentiable."""
+        mha = self.self_attn
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+        bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+        return fold_weights(mha.num_heads, (wq, bq), (wk, bk), (wv, bv), mha.out_proj, self.norm1, self.linear1,
+                            self.linear2, self.norm2, dtype)
+
+    def forward(self, src: torch.Tensor, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
+        r"""Same arguments and result as :meth:`torch.nn.TransformerEncoderLayer.forward`: src (L, N, E),
+        (N, L, E) with ``batch_first``, or (L, E) unbatched; the result has src's shape."""
+        E = self.self_attn.embed_dim
+        if not isinstance(src, torch.Tensor):
+            raise TypeError(f"src must be a torch.Tensor, got {type(src).__name__}")
+        if src.is_nested or src.dim() not in (2, 3) or src.shape[-1] != E:
+            raise ValueError(f"src must be (L, {E}), (L, N, {E}) or (N, L, {E}), got "
+                             f"{'a nested tensor' if src.is_nested else tuple(src.shape)}")
+        if src.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"src must be float32 or float64, got {src.dtype}")
+        if self.training:
+            rates = {name: getattr(self, name).p for name in ("dropout", "dropout1", "dropout2")}
+            rates["self_attn.dropout"] = self.self_attn.dropout
+            if any(p > 0 for p in rates.values()):
+                raise ValueError(f"dropout in training mode is not simulated (got {rates}): call .eval() or set "
+                                 "every dropout probability to 0")
+        if self.norm1.eps != self._eps or self.norm2.eps != self._eps:
+            raise ValueError(f"norm1.eps {self.norm1.eps} and norm2.eps {self.norm2.eps} must both be the "
+                             f"layer_norm_eps this layer was built with, {self._eps}")
+        if is_causal and src_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.TransformerEncoderLayer).")
+        unbatched = src.dim() == 2
+        x = src[None] if unbatched else (src if self.batch_first else src.transpose(0, 1))
+        if x.shape[1] > self.seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds the simulator's seq_len {self.seq_len}")
+        mask = additive_mask(src_mask, src_key_padding_mask, x, self.self_attn.num_heads, unbatched)
+        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask)
+        return out[0] if unbatched else (out if self.batch_first else out.transpose(0, 1))
+
+
+def fold_weights(heads: int, q, k, v, out, norm1, linear1, linear2, norm2, dtype=torch.float64) -> list[torch.Tensor]:
+    """The encoder layer's inputs (``usim.ops.layer.WEIGHTS``, cast to dtype) from torch-style
+    parameters: q, k, v as (weight (E, E), bias or None) pairs, out, linear1 and linear2 as nn.Linear,
+    norm1 and norm2 as nn.LayerNorm. Folded in float64 (differentiably); absent biases are 0."""
+    E = out.weight.shape[0]
+    scale = 1 / math.sqrt(E // heads)
+
+    def f64(t, size):
+        return t.double() if t is not None else torch.zeros(size, dtype=torch.float64, device=out.weight.device)
+
+    wq, wk, wv = (rearrange(w.double(), "(h k) e -> h e k", h=heads) for w, _ in (q, k, v))
+    bq, bk, bv = (rearrange(f64(b, E), "(h k) -> h k", h=heads) for _, b in (q, k, v))
+    wo = rearrange(out.weight.double(), "e (h k) -> h k e", h=heads)
+    hidden = linear1.weight.shape[0]
+    weights = [wq * scale, wk, wv, bq * scale, bk, bv, wo, f64(out.bias, E), norm1.weight.double(), f64(norm1.bias, E),
+               linear1.weight.double().T, f64(linear1.bias, hidden), linear2.weight.double().T, f64(linear2.bias, E),
+               norm2.weight.double(), f64(norm2.bias, E)]
+    return [w.to(dtype) for w in weights]
+
+
+def additive_mask(src_mask, key_padding_mask, x: torch.Tensor, heads: int, unbatched: bool):
+    """src_mask ((L, L) or (N * heads, L, L)) and key_padding_mask ((N, L), or (L,) unbatched), each
+    bool (True = left out) or float (added to the scores), as one float mask added to the scores:
+    (L, L), (N, heads, L, L), or None."""
+    batch, length = x.shape[:2]
+    total = None
+    for name, mask, shapes in (("src_mask", src_mask, ((length, length), (batch * heads, length, length))),
+                               ("src_key_padding_mask", key_padding_mask,
+                                ((batch, length),) + (((length,),) if unbatched else ()))):
+        if mask is None:
+            continue
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) not in shapes:
+            raise ValueError(f"{name} must be {' or '.join(map(str, shapes))}, got {tuple(mask.shape)}")
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(mask, float("-inf"))
+        elif not mask.is_floating_point():
+            raise TypeError(f"{name} must be bool or floating, got {mask.dtype}")
+        mask = mask.to(x.dtype)
+        if name == "src_mask" and mask.dim() == 3:
+            mask = mask.unflatten(0, (batch, heads))
+        if name == "src_key_padding_mask":
+            mask = mask.reshape(batch, 1, 1, length)
+        total = mask if total is None else total + mask
+    return total.expand(batch, heads, length, length) if total is not None and total.dim() == 4 else total
+
+
+def simulate_layers(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+    """The model with every ``nn.TransformerEncoderLayer`` replaced by the equivalent
+    ``SimulatedTransformerEncoderLayer`` (same weights, built for sequences up to ``seq_len``).
+
+    A deep copy unless ``inplace``. ``nn.TransformerEncoder``'s nested-tensor path is switched off
+    (it would bypass the layers). ValueError if the model holds no such layer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_size("seq_len", seq_len)
+    if isinstance(model, nn.TransformerEncoderLayer):
+        return SimulatedTransformerEncoderLayer.from_torch(model, seq_len, execution=execution)
+    if not any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
+        raise ValueError(f"no nn.TransformerEncoderLayer found in {type(model).__name__}")
+    model = model if inplace else copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.TransformerEncoderLayer):
+                setattr(module, name, SimulatedTransformerEncoderLayer.from_torch(child, seq_len, execution=execution))
+        if getattr(module, "use_nested_tensor", False):
+            module.use_nested_tensor = False
+    return model
