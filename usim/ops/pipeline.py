@@ -28,10 +28,10 @@ layers: the row maximum by attention then exp(s - max); the row mean of e (avera
 r = 1 / (m * mean); then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
 a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
 softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
-elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys, and a second
-head of the softmax's first layer copies into x the entry's own score if its key is kept, else the
-score of a kept key of its row (the nearest column): e = exp(x - max - MASKED * drop) is exactly 0
-for a masked key whatever its score (finite, infinite or NaN), since x - max <= 0.
+elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys, the first
+layer's FFN makes d = (s - max) * (1 - drop) (bilinear: s - max for a kept key, exactly 0 for a
+masked one whatever its finite score) and one more FFN e = exp(d - MASKED * drop), exactly 0 for a
+masked key: four layers. (A masked key's infinite or NaN score makes its row NaN, as in torch.)
 
 A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
 biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
@@ -345,12 +345,13 @@ class Pipeline:
         top, e, mean, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "r", "p"))
         row = match({"block": "block", "row": "row"})
         heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top)], name=f"{tag}max")]
-        exp_in = {src: 1.0, top: -1.0}
-        if keep is not None:  # x = the entry's own score if its key is kept, else a kept key's of its row
-            x = b.slot(f"{tag}x")
-            heads.append(Head([row, *self._kept(keep), match({"col": "col"})], [(src, x)], name=f"{tag}x"))
-            exp_in = {x: 1.0, top: -1.0, "drop": -MASKED}  # x - max <= 0: exp(x - max - MASKED) = 0 if masked
-        b.layer(heads, FFN("exp", [Unit(exp_in, e)]))
+        if keep is None:
+            b.layer(heads, FFN("exp", [Unit({src: 1.0, top: -1.0}, e)]))
+        else:  # d = (s - max) * (1 - drop): 0 for a masked key whatever its (finite) score, so
+            #      exp(d - MASKED * drop) is exactly 0 there, and s - max for a kept key
+            d = b.slot(f"{tag}d")
+            b.layer(heads, FFN("bilinear", [Unit({src: 1.0, top: -1.0}, d, gate={ONE: 1.0, "drop": -1.0})]))
+            b.layer(ffn=FFN("exp", [Unit({d: 1.0, "drop": -MASKED}, e)]))
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
                 FFN("reciprocal", [Unit({mean: float(m)}, r)]))
         if tag not in self.scales:
