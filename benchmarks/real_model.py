@@ -44,6 +44,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model hub
+# huge pages for PyTorch's large CPU allocations (the term tensors): far fewer page faults; read by
+# torch's allocator, so set before torch is imported (THP_MEM_ALLOC_ENABLE=0 in the environment to compare)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 
@@ -149,6 +152,7 @@ def run(args) -> dict:
                           f"{platform.machine()} {platform.processor() or ''}".strip()
                           + f" ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"),
               "load_avg_1min": os.getloadavg()[0],  # a shared machine's timings vary with it
+              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
               "python": platform.python_version(), "torch": torch.__version__,
               "transformers": transformers.__version__, "model": name, "device": device,
               "execution": args.execution, "sentences": len(sentences), "tokens": lengths, "seq_len": seq_len,
@@ -195,6 +199,14 @@ def run(args) -> dict:
             result["warm_call_s"] = time.perf_counter() - start
             for hook in hooks:
                 hook.remove()
+            if args.layers:  # in the same run: the attention-only simulation's warm call, both as medians
+                attention_only = copy.deepcopy(model)
+                for layer in attention_only.encoder.layer[:k]:
+                    simulate_bert_attention(layer, seq_len, inplace=True, execution=args.execution)
+                embed(attention_only, batch)
+                result["warm_median_s"] = median_call(lambda: embed(sim, batch), device)
+                result["attention_only_warm_median_s"] = median_call(lambda: embed(attention_only, batch), device)
+                result["whole_over_attention_only"] = result["warm_median_s"] / result["attention_only_warm_median_s"]
             cosine = (want * got).sum(-1)
             result.update(status="ok", worst_cosine=cosine.min().item(), cosines=cosine.tolist(),
                           repeatable=bool(torch.equal(got, again)),
@@ -208,8 +220,20 @@ def run(args) -> dict:
     return result
 
 
+def median_call(call, device: str, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
 def markdown(r: dict) -> str:
-    lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, torch {r['torch']}, "
+    lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, "
+             f"THP_MEM_ALLOC_ENABLE={r.get('THP_MEM_ALLOC_ENABLE')}, torch {r['torch']}, "
              f"transformers {r['transformers']}, {r['device']}", "",
              f"{r['model']}: {r['sentences']} sentences of {r['tokens']} tokens in one padded batch, seq_len "
              f"{r['seq_len']}, {r['layers_simulated']} of {r['layers']} "
@@ -228,6 +252,10 @@ def markdown(r: dict) -> str:
               f"| peak memory, ru_maxrss (MB) | {r['peak_rss_mb']:.0f} |"]
     if "peak_cuda_mb" in r:
         lines.append(f"| peak CUDA memory allocated (MB) | {r['peak_cuda_mb']:.0f} |")
+    if "whole_over_attention_only" in r:
+        lines.append(f"| same run, medians of 3 warm calls: whole layers / attention only (s) | "
+                     f"{r['warm_median_s']:.3g} / {r['attention_only_warm_median_s']:.3g} = "
+                     f"{r['whole_over_attention_only']:.2f} |")
     if not r["per_layer"]:
         return "\n".join(lines + ["", "(no layer simulated)"])
     whole = r.get("simulated") == "whole layers"
@@ -267,9 +295,9 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-gb", type=float, default=24,
                         help="CPU: address-space limit in GB, so an oversized simulator fails instead of swapping "
-                             "(default 24; the full run peaks at 8.7 GB resident; 0: no limit)")
+                             "(default 24; the attention-only run peaks at about 1.2 GB resident; 0: no limit)")
     parser.add_argument("--out", help="results folder (default: benchmarks/results for the full run, "
-                                      "benchmarks/results/partial for --tiny, --layers or --seq-len)")
+                                      "benchmarks/results/partial for --tiny, --first, --max-tokens or --seq-len)")
     args = parser.parse_args()
     if args.first is not None and args.first < 0:
         parser.error("--first must be >= 0")
@@ -279,7 +307,8 @@ def main() -> None:
         limit = int(args.max_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = run(args)
-    full = not args.tiny and args.layers is None and args.seq_len is None and args.execution == "fast"
+    full = (not args.tiny and args.first is None and args.max_tokens is None and args.seq_len is None
+            and args.execution == "fast")  # --layers or not: each has its own results file
     out = results_folder(args.out, full)
     out.mkdir(parents=True, exist_ok=True)
     stem = "real_model" + ("_layers" + ("_tiny" if args.tiny else "") if args.layers else "")
