@@ -202,7 +202,7 @@ def main() -> None:
                "warm / floor", "warm / direct", "peak GB", "max error", "baseline error", "error / baseline"]
     lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32 (batch in the case name, else 1), "
              f"THP_MEM_ALLOC_ENABLE={int(meta['THP_MEM_ALLOC_ENABLE'])}, load average {meta['load average'][0]:.1f} "
-             "(other work on the machine)", "", "| " + " | ".join(columns) + " |",
+             "(1-minute, at the end of the run)", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for row in rows:
         if "failed" in row:
