@@ -145,3 +145,29 @@ def test_gradients_equal_eager(seed):
         model(input_ids=ids, attention_mask=mask).logits[mask.bool()].sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert len(grads[0]) == len(grads[1]) and (grads[0] - grads[1]).abs().max() <= 1e-5 * grads[1].abs().max(), seed
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_no_torch_attention_kernel_on_the_simulated_path(seed, monkeypatch, kind):
+    # The kernel is the constructed encoder: while U computes an attention core, no softmax, no
+    # scaled_dot_product_attention and no matmul runs (the structured program runs views and
+    # elementwise products; a torch kernel here would be a silent fallback).
+    model = tiny(kind)
+    ids, mask = padded_batch()
+    want, _ = run(model, "usim", ids, mask)
+    original = usim.AttentionCore.attention
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a torch attention kernel ran inside the simulated attention core")
+
+    def guarded(self, *args, **kwargs):
+        with pytest.MonkeyPatch.context() as patch:
+            for owner, name in [(torch, "softmax"), (torch.nn.functional, "softmax"), (torch.Tensor, "softmax"),
+                                (torch.nn.functional, "scaled_dot_product_attention"), (torch, "matmul"),
+                                (torch.Tensor, "__matmul__"), (torch, "bmm"), (torch, "einsum")]:
+                patch.setattr(owner, name, forbidden)
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(usim.AttentionCore, "attention", guarded)
+    got, _ = run(model, "usim", ids, mask)
+    assert torch.equal(got, want), seed

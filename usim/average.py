@@ -22,16 +22,19 @@ def tree_sum(values: torch.Tensor, dim: int = -1) -> torch.Tensor:
     if n <= 1:
         return x[..., 0] if n else x.new_zeros(x.shape[:-1])
     half = 1 << ((n - 1).bit_length() - 1)  # half the padded length: the upper n - half fold onto the lower
-    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():  # no out= there
+    if (x.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():  # no out=, no in-place
         folded = torch.cat([x[..., : n - half] + x[..., half:], x[..., n - half: half]], dim=-1)
-    else:
-        folded = torch.empty(*x.shape[:-1], half, dtype=x.dtype, device=x.device)
-        torch.add(x[..., : n - half], x[..., half:], out=folded[..., : n - half])
-        folded[..., n - half:] = x[..., n - half: half]  # + the padding's zeros
-    while half > 1:
+        while half > 1:
+            half //= 2
+            folded = folded[..., :half] + folded[..., half:]
+        return folded[..., 0]
+    folded = torch.empty(*x.shape[:-1], half, dtype=x.dtype, device=x.device)
+    torch.add(x[..., : n - half], x[..., half:], out=folded[..., : n - half])
+    folded[..., n - half:] = x[..., n - half: half]  # + the padding's zeros
+    while half > 1:  # the later folds in place, in the buffer this function owns
         half //= 2
-        folded = folded[..., :half] + folded[..., half:]
-    return folded[..., 0]
+        folded[..., :half] += folded[..., half: 2 * half]
+    return folded[..., 0].clone() if folded.shape[-1] > 1 else folded[..., 0]
 
 
 def ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
