@@ -45,6 +45,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch  # noqa: E402
 
 import usim  # noqa: E402
+from common import results_folder  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -237,19 +238,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
-
-def results_folder(out, full: bool) -> Path:
-    """Where the results go: --out if given; else benchmarks/results for a full run, and
-    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
-    replace the committed results."""
-    if out is not None:
-        return Path(out)
-    folder = Path(__file__).resolve().parent / "results"
-    if not full:
-        folder = folder / "partial"
-        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
-              "--out DIR to choose)", flush=True)
-    return folder
 
 
 def positive(text: str) -> int:

@@ -52,6 +52,7 @@ import torch
 
 from usim.bert import SimulatedBertLayer, bert_attention_to_mha, simulate_bert_attention
 from usim.mha import SimulatedMultiheadAttention
+from common import results_folder  # benchmarks/ is on sys.path
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -268,19 +269,6 @@ def markdown(r: dict) -> str:
               f"{'yes' if p['within_10x'] else 'NO'} |" for p in r["per_layer"]]
     return "\n".join(lines)
 
-
-def results_folder(out, full: bool) -> Path:
-    """Where the results go: --out if given; else benchmarks/results for a full run, and
-    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
-    replace the committed results."""
-    if out is not None:
-        return Path(out)
-    folder = Path(__file__).resolve().parent / "results"
-    if not full:
-        folder = folder / "partial"
-        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
-              "--out DIR to choose)", flush=True)
-    return folder
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from common import results_folder  # benchmarks/ is on sys.path
+
 # name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len, batch) or "u" (n, d, heads, batch)
 CASES = {
     "dropin-384x12-n16": ("dropin", (384, 12, 16, 1)),
@@ -142,19 +144,6 @@ def run_case(name: str, repeats: int) -> dict:
         "repeatable": bool(torch.equal(out, again)),
     }
 
-
-def results_folder(out, full: bool) -> Path:
-    """Where the results go: --out if given; else benchmarks/results for a full run, and
-    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
-    replace the committed results."""
-    if out is not None:
-        return Path(out)
-    folder = Path(__file__).resolve().parent / "results"
-    if not full:
-        folder = folder / "partial"
-        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
-              "--out DIR to choose)", flush=True)
-    return folder
 
 
 def main() -> None:
