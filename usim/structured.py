@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -86,14 +86,6 @@ class Poly:
     def equals(self, o: "Poly") -> bool:
         sym = lambda q: q + q.T  # noqa: E731 (u^T Q u depends on Q + Q^T only)
         return self.const == o.const and torch.equal(self.lin, o.lin) and torch.equal(sym(self.quad), sym(o.quad))
-
-    def bounds(self, lo: tuple, hi: tuple) -> tuple[float, float]:
-        """Min and max of an affine form over the box [lo, hi)."""
-        low = high = self.const
-        for c, l, h in zip(self.lin.tolist(), lo, hi):
-            low += min(c * l, c * (h - 1))
-            high += max(c * l, c * (h - 1))
-        return low, high
 
 
 def _piece_poly(piece, dims: int) -> Poly:
@@ -396,15 +388,7 @@ class _Run:
 
     def split(self, block: int, slots: list) -> list:
         """The cells of a block on which each slot's field is one part."""
-        shape = self.p.shapes[block]
-        cuts = [{0, n} for n in shape]
-        for s in slots:
-            for cell, _ in self.parts(s, block):
-                for a, (l, h) in enumerate(zip(cell.lo, cell.hi)):
-                    cuts[a] |= {l, h}
-        axes = [sorted(c) for c in cuts]
-        return [Cell(block, tuple(lo), tuple(hi)) for lo, hi in
-                (zip(*pairs) for pairs in itertools.product(*[list(zip(c, c[1:])) for c in axes]))]
+        return _grid(block, self.p.shapes[block], [cell for s in slots for cell, _ in self.parts(s, block)])
 
     # --- writing --------------------------------------------------------------------------
     def apply(self, writes: list) -> None:
@@ -425,6 +409,20 @@ class _Run:
             for cell, delta in by_cell.items():
                 total[(slice(None),) + tuple(slice(l, h) for l, h in zip(cell.lo, cell.hi))] += delta
             self.fields[slot, block] = [(full, total if fresh else self.whole(slot, block) + total)]
+
+
+def _grid(block: int, shape: tuple, boxes: list, limit: int | None = None) -> list:
+    """The cells of a block cut along every edge of the boxes (anything with lo and hi): on each
+    cell every box is either whole or absent."""
+    cuts = [{0, n} for n in shape]
+    for box in boxes:
+        for a, (l, h) in enumerate(zip(box.lo, box.hi)):
+            cuts[a] |= {l, h}
+    axes = [sorted(c) for c in cuts]
+    if limit is not None and math.prod([len(c) - 1 for c in axes]) > limit:
+        raise NotStructured("too many cells")
+    return [Cell(block, tuple(lo), tuple(hi)) for lo, hi in
+            (zip(*pairs) for pairs in itertools.product(*[list(zip(c, c[1:])) for c in axes]))]
 
 
 def _tiles(cells: set, full: Cell) -> bool:
@@ -457,17 +455,8 @@ class Planner:
 
     def cells(self, block: int, slots) -> list:
         """The cells of a block on which every slot is one piece (or none)."""
-        shape = self.shapes[block]
-        cuts = [{0, n} for n in shape]
-        for s in slots:
-            for p in self.positions.block_pieces(int(s), block):
-                for a, (l, h) in enumerate(zip(p.lo, p.hi)):
-                    cuts[a] |= {l, h}
-        axes = [sorted(c) for c in cuts]
-        if math.prod(len(c) - 1 for c in axes) > MAX_CELLS:
-            raise NotStructured("too many cells")
-        return [Cell(block, tuple(lo), tuple(hi)) for lo, hi in
-                (zip(*pairs) for pairs in itertools.product(*[list(zip(c, c[1:])) for c in axes]))]
+        return _grid(block, self.shapes[block], [p for s in slots for p in self.positions.block_pieces(int(s), block)],
+                     limit=MAX_CELLS)
 
     def poly(self, w: torch.Tensor, cell: Cell) -> Poly:
         """The static feature w (W,) reads, as a polynomial of the cell's coordinates."""
@@ -576,7 +565,6 @@ class Planner:
         if not all(p.constant for p in q):
             raise NotStructured("a later static tier whose query side varies")
         kshape = self.shapes[sel.key_block]
-        kcell = Cell(sel.key_block, (0,) * len(kshape), kshape)
         cells = [c for c in self.cells(sel.key_block, (kw != 0).any(0).nonzero()[:, 0].tolist())
                  if all(c.lo[a] <= l and h <= c.hi[a] for a, l, h in sel.free)]
         if len(cells) != 1:

@@ -60,9 +60,6 @@ All scores are exact small integers (block indices and coordinates), never raw p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
-import torch
 
 from usim.activations import ZERO_AT_ZERO
 from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
@@ -82,8 +79,8 @@ class Product:
 
     out: str
     terms: int
-    left: Callable
-    right: Callable
+    left: "Operand"
+    right: "Operand"
     addend: str | None = None  # a block of out's shape added to the result (a score bias, a residual)
 
 
