@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -100,10 +100,10 @@ class Cell:
     block: int
     lo: tuple
     hi: tuple
+    shape: tuple = field(init=False, compare=False, repr=False)  # hi - lo, per axis
 
-    @property
-    def shape(self) -> tuple:
-        return tuple(h - l for l, h in zip(self.lo, self.hi))
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(h - l for l, h in zip(self.lo, self.hi)))
 
 
 @dataclass
@@ -388,7 +388,11 @@ class _Run:
 
     def split(self, block: int, slots: list) -> list:
         """The cells of a block on which each slot's field is one part."""
-        return _grid(block, self.p.shapes[block], [cell for s in slots for cell, _ in self.parts(s, block)])
+        parts = [cell for s in slots for cell, _ in self.parts(s, block)]
+        shape = self.p.shapes[block]
+        if all(cell.hi == shape and not any(cell.lo) for cell in parts):  # every field whole: one cell
+            return [Cell(block, (0,) * len(shape), shape)]
+        return _grid(block, shape, parts)
 
     # --- writing --------------------------------------------------------------------------
     def apply(self, writes: list) -> None:
