@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import usim
-from usim.checkpoint import FORMAT_VERSION, checkpoint_tensors
+from usim.checkpoint import CLOSED_FORM_VERSION, FORMAT_VERSION, checkpoint_tensors
 from usim.export import shipped
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints"
@@ -30,7 +30,9 @@ def test_equals_fresh_construction(stem):
         assert tensors[name].dtype == t.dtype and torch.equal(tensors[name], t), name
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["usim.format"] == FORMAT_VERSION
+    # format 3 where the positional features are in closed form (U), else format 2 (a table)
+    assert meta["usim.format"] == (CLOSED_FORM_VERSION if "positional_pieces" in expected else FORMAT_VERSION)
+    assert ("positional_pieces" in expected) == stem.startswith("u_")
     assert json.loads(meta["usim.module"]) == {"kind": fresh.kind, "args": fresh.args}
     assert json.loads(meta["usim.slots"]) == fresh.encoder.slots
 

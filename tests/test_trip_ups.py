@@ -399,3 +399,22 @@ def test_negative_zero_is_the_one_exception_to_bitwise_moves(seed):
     moved = want != 0
     assert torch.equal(torch.signbit(y[moved]), torch.signbit(want[moved])), seed
     assert not torch.signbit(y[0, 0]) and torch.signbit(want[0, 0]), seed
+
+
+@pytest.mark.parametrize("score", [float("-inf"), 1e30, -1e30])
+def test_a_masked_key_of_any_score_takes_no_part(seed, score):
+    # A masked key whose score is -inf, or far above or below the kept ones, leaves its row finite
+    # and equal to the row without it, as in nn.MultiheadAttention (+inf or NaN make the row NaN there).
+    mha, sim = _pair(dtype=torch.float64, embed_dim=4, heads=1, seq_len=4)
+    with torch.no_grad():
+        mha.in_proj_weight.uniform_(0.5, 1.0)  # positive weights: q, k > 0, and no 0 * inf in a projection
+        mha.in_proj_bias.zero_()
+    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=4)
+    x = torch.rand(1, 4, 4, dtype=torch.float64) + 0.5
+    key = x.clone()
+    key[0, 2] = score / 16  # q . k of that key: -inf, or about +-1e30, for every query
+    mask = torch.tensor([[False, False, True, False]])
+    want = mha(x, key, x, key_padding_mask=mask)[0]
+    got = sim(x, key, x, key_padding_mask=mask)[0]
+    assert want.isfinite().all() and got.isfinite().all(), (score, seed)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{score} {seed}")

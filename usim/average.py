@@ -45,9 +45,7 @@ def ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     kept = kept.gather(-1, order)
     values = values.gather(-2, order[..., None].expand(*order.shape, values.shape[-1]))
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    # + 0 * every candidate: exact zeros, but a NaN or inf among the candidates reaches the sum (as
-    # 0 * NaN reaches a row of softmax(S) V in torch)
-    return tree_sum(torch.where(kept[..., None], values, zero), dim=-2) + (values * 0).sum(-2)
+    return tree_sum(torch.where(kept[..., None], values, zero), dim=-2)  # keys not kept take no part
 
 
 def dense_ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """safetensors checkpoints: every weight and table as a tensor, everything else as JSON metadata.
 
-Format "2". Tensors: ``positional`` (P, L) int32 (the positional table as ``usim.Encoder`` keeps
-it: one row per positional slot, for the slots it sets; float64 only for a bare encoder whose
-table holds non-integers), ``positional_slots`` (P,) int64 (the slot of each row), ``readout`` (L,) int64, and per layer
+Format "2". Tensors: ``positional`` (P, L) int32 (the positional table: one row per positional
+slot, for the slots it sets; float64 only for a bare encoder whose table holds non-integers),
+``positional_slots`` (P,) int64 (the slot of each row), ``readout`` (L,) int64, and per layer
 ``layers.{i}.attn.{query,key,value,output}`` and ``layers.{i}.ffn.{w_in,b_in,w_out,b_out}``, float64.
 Metadata: ``usim.format`` ("2"), ``usim.module`` (kind and constructor arguments), ``usim.layout``
 (blocks), ``usim.slots`` (stream slot names in order), ``usim.layers`` (per-layer specs: heads,
@@ -20,6 +20,14 @@ digested again still cannot pass for the construction it names). ``verify=False`
 whose weights were edited on purpose. Format "1" files (a dense ``pos_table``, no digest) still
 load: converted to the compact table, verified against a fresh construction, or with
 ``verify=False``.
+
+Format "3": an encoder whose positional features are in closed form (``usim.positions``: U, the
+drop-ins, the layers) keeps them so, never as a per-token table: ``positional_slots`` (P,) int64
+(the positional slots, in order), ``positional_pieces`` (K, 4 + 3 D) int64, a row per piece: slot,
+block, const, square (0/1), then lo, hi and coefficients per axis (D = the most axes of a block;
+missing axes lo 0, hi 1, coefficient 0), and ``readout_blocks`` (blocks,) int64 (the slot read in
+each block), in place of ``positional`` and ``readout``. Everything else is format 2's. An encoder
+with a positional table is written in format 2.
 """
 
 from __future__ import annotations
@@ -36,9 +44,11 @@ from safetensors.torch import save as safetensors_bytes
 from usim.activations import ACTIVATIONS
 from usim.engine import FFN, Encoder, EncoderLayer, HardAttention
 from usim.layout import Layout
+from usim.positions import Piece, Positions
 
-FORMAT_VERSION = "2"
-READABLE_FORMATS = ("1", "2")
+FORMAT_VERSION = "2"  # "3" for closed-form positions (see the module docstring)
+CLOSED_FORM_VERSION = "3"
+READABLE_FORMATS = ("1", "2", "3")
 REGENERATE = "python -m usim export checkpoints/"
 # A registered construction is rebuilt and compared on load when L x W is at most this.
 CHEAP_REBUILD = 1 << 22
@@ -55,11 +65,16 @@ MAX_ARG_DEPTH = 4
 # --- saving ------------------------------------------------------------------------------------
 def checkpoint_tensors(encoder: Encoder) -> dict:
     """The tensors a format-2 checkpoint holds for an encoder, by name (CPU, contiguous)."""
-    positional = encoder.positional.detach()
-    if positional.dtype != torch.int32:
-        positional = positional.double()
-    tensors = {"positional": positional, "positional_slots": encoder.positional_slots.detach().long(),
-               "readout": encoder.readout.detach().long()}
+    if _closed_form(encoder):
+        tensors = {"positional_slots": torch.tensor(encoder.positions.slots, dtype=torch.long),
+                   "positional_pieces": _pieces_tensor(encoder.positions),
+                   "readout_blocks": encoder.readout_blocks.detach().long()}
+    else:
+        positional = encoder.positional.detach()
+        if positional.dtype != torch.int32:
+            positional = positional.double()
+        tensors = {"positional": positional, "positional_slots": encoder.positional_slots.detach().long(),
+                   "readout": encoder.readout.detach().long()}
     for i, layer in enumerate(encoder.layers):
         if layer.attn is not None:
             for name in ATTN:
@@ -68,6 +83,52 @@ def checkpoint_tensors(encoder: Encoder) -> dict:
             for name in FFN_TENSORS:
                 tensors[f"layers.{i}.ffn.{name}"] = getattr(layer.ffn, name).detach().double()
     return {k: v.cpu().contiguous() for k, v in tensors.items()}
+
+
+def _closed_form(encoder: Encoder) -> bool:
+    """Whether an encoder is written in format 3 (positional features and readout per block)."""
+    return encoder.positions.closed_form and hasattr(encoder, "readout_blocks")
+
+
+def _pieces_tensor(positions: Positions) -> torch.Tensor:
+    """(K, 4 + 3 D) int64: slot, block, const, square, lo (D), hi (D), coefficients (D) per piece."""
+    dims = max(len(shape) for shape in positions.shapes)
+    rows = []
+    for slot in positions.slots:
+        for p in positions.pieces[slot]:
+            pad = dims - len(p.lo)
+            rows.append([slot, p.block, p.const, int(p.square), *p.lo, *([0] * pad), *p.hi, *([1] * pad),
+                         *p.coef, *([0] * pad)])
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), 4 + 3 * dims)
+
+
+def _pieces(tensors: dict, layout: Layout, width: int, path: str) -> Positions:
+    """The closed-form positions of a format-3 file, every entry checked (ValueError naming it)."""
+    slots = _tensor(tensors, "positional_slots", None, (torch.int64,), path)
+    rows = _tensor(tensors, "positional_pieces", None, (torch.int64,), path)
+    shapes = [b.shape for b in layout.blocks]
+    dims = max(len(shape) for shape in shapes)
+    if slots.dim() != 1 or rows.dim() != 2 or rows.shape[1] != 4 + 3 * dims:
+        raise ValueError(f"{path}: tensors 'positional_slots' {tuple(slots.shape)} and 'positional_pieces' "
+                         f"{tuple(rows.shape)} must be (P,) and (K, {4 + 3 * dims})")
+    _index(slots, "positional_slots", width, path)
+    if len(set(slots.tolist())) != len(slots):
+        raise ValueError(f"{path}: tensor 'positional_slots' names a slot twice")
+    pieces = {int(s): [] for s in slots}
+    for row in rows.tolist():
+        slot, block, const, square = row[:4]
+        if slot not in pieces or not 0 <= block < len(shapes) or square not in (0, 1) or abs(const) >= 2 ** 40:
+            raise ValueError(f"{path}: tensor 'positional_pieces' has a bad row {row[:4]} (slot, block, const, square)")
+        nd = len(shapes[block])
+        lo, hi, coef = row[4: 4 + nd], row[4 + dims: 4 + dims + nd], row[4 + 2 * dims: 4 + 2 * dims + nd]
+        if any(abs(c) >= 2 ** 20 for c in coef) or row[4 + nd: 4 + dims] != [0] * (dims - nd) or \
+                row[4 + dims + nd: 4 + 2 * dims] != [1] * (dims - nd) or row[4 + 2 * dims + nd:] != [0] * (dims - nd):
+            raise ValueError(f"{path}: tensor 'positional_pieces' has a bad row {row}")
+        pieces[slot].append(Piece(block, tuple(lo), tuple(hi), const, tuple(coef), bool(square)))
+    try:
+        return Positions(shapes, pieces)
+    except ValueError as e:
+        raise ValueError(f"{path}: tensor 'positional_pieces': {e}") from None
 
 
 def digest(tensors: dict, metadata: dict) -> str:
@@ -98,8 +159,10 @@ def save(module, path) -> None:
         encoder, layout, kind, args = module.encoder, module.layout, module.kind, module.args
     elif isinstance(module, Encoder):
         encoder, layout, kind, args = module, getattr(module, "layout", None), "Encoder", {}
-        if layout is None:
-            layout = Layout.from_dict([{"name": "seq", "shape": [module.length], "role": "input"}])
+        if layout is None:  # the blocks of its positions (closed form), else one sequence
+            shapes = module.positions.shapes if _closed_form(module) else [(module.length,)]
+            layout = Layout.from_dict([{"name": f"block{i}" if len(shapes) > 1 else "seq", "shape": list(shape),
+                                        "role": "input"} for i, shape in enumerate(shapes)])
     else:
         raise TypeError(f"cannot save a {type(module).__name__}: expected a usim construction or Encoder")
     tensors = checkpoint_tensors(encoder)
@@ -107,7 +170,7 @@ def save(module, path) -> None:
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"cannot save: tensor {name!r} holds NaN or infinite values")
     metadata = {
-        "usim.format": FORMAT_VERSION,
+        "usim.format": CLOSED_FORM_VERSION if "positional_pieces" in tensors else FORMAT_VERSION,
         "usim.module": json.dumps({"kind": kind, "args": args}, allow_nan=False),
         "usim.layout": json.dumps(layout.to_dict()),
         "usim.slots": json.dumps(encoder.slots),
@@ -396,13 +459,19 @@ def _build(parsed: dict, tensors: dict, path: str) -> Encoder:
     layout, slots, specs = parsed["layout"], parsed["slots"], parsed["specs"]
     length, width = layout.length, len(slots)
     f64 = (torch.float64,)
-    expected = {"readout"}
-    readout = _tensor(tensors, "readout", (length,), (torch.int64,), path)
-    _index(readout, "readout", width, path)
+    if parsed["format"] == "3":
+        expected = {"readout_blocks", "positional_slots", "positional_pieces"}
+        readout = _tensor(tensors, "readout_blocks", (len(layout.blocks),), (torch.int64,), path)
+        _index(readout, "readout_blocks", width, path)
+        positional, readout = _pieces(tensors, layout, width, path), readout.tolist()
+    else:
+        expected = {"readout"}
+        readout = _tensor(tensors, "readout", (length,), (torch.int64,), path)
+        _index(readout, "readout", width, path)
     if parsed["format"] == "1":
         positional = _tensor(tensors, "pos_table", (length, width), f64, path)
         expected.add("pos_table")
-    else:
+    elif parsed["format"] == "2":
         values = _tensor(tensors, "positional", None, (torch.int32, torch.float64), path)
         if values.dim() != 2 or values.shape[1] != length:
             raise ValueError(f"{path}: tensor 'positional' has shape {tuple(values.shape)}, expected (P, {length})")
@@ -509,7 +578,7 @@ def _load(path, verify: bool, known_kind: bool):
     if known_kind and kind != "Encoder" and kind not in REGISTRY:
         raise ValueError(f"{path}: unknown module kind {_short(kind)} (known: {sorted(REGISTRY)})")
     encoder = _build(parsed, tensors, path)
-    if parsed["format"] == "2" and verify:
+    if parsed["format"] != "1" and verify:
         _verify_digest(metadata, tensors, path)
     if verify:
         fresh = kind in REGISTRY and _cheap(parsed, encoder)

@@ -332,9 +332,7 @@ class _Run:
                 order = (~k).to(torch.int8).argsort(dim=-1, stable=True)
                 kept = k.gather(-1, order)
                 ordered = torch.where(kept, flat.gather(-1, order), torch.zeros((), dtype=v.dtype, device=v.device))
-                # + 0 * every candidate: exact zeros, but a NaN or inf among the candidates reaches the
-                # mean (as 0 * NaN reaches a row of softmax(S) V in torch)
-                mean = (tree_sum(ordered) + (flat * 0).sum(-1)) / k.sum(-1).to(v.dtype)
+                mean = tree_sum(ordered) / k.sum(-1).to(v.dtype)  # keys not kept take no part
             means.append(mean.expand(self.batch, *cell.shape) if same else mean)
         return means
 

@@ -28,10 +28,11 @@ layers: the row maximum by attention then exp(s - max); the row mean of e (avera
 r = 1 / (m * mean); then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
 a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
 softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
-elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys, the first
-layer's FFN makes d = (s - max) * (1 - drop) (bilinear: s - max for a kept key, exactly 0 for a
-masked one whatever its finite score) and one more FFN e = exp(d - MASKED * drop), exactly 0 for a
-masked key: four layers. (A masked key's infinite or NaN score makes its row NaN, as in torch.)
+elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys; the first
+layer's FFN makes excess = relu(s - max), a second over = excess * drop (a masked key's excess over
+the kept maximum, 0 for a kept key) and a third e = exp(s - max - over - MASKED * drop): exactly 0
+for a masked key whatever its score (s - max - over <= 0; a score of -inf too), s - max for a kept
+one: five layers. (A masked key's score of +inf or NaN makes its row NaN, as in torch.)
 
 A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
 biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
@@ -344,11 +345,13 @@ class Pipeline:
         heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top)], name=f"{tag}max")]
         if keep is None:
             b.layer(heads, FFN("exp", [Unit({src: 1.0, top: -1.0}, e)]))
-        else:  # d = (s - max) * (1 - drop): 0 for a masked key whatever its (finite) score, so
-            #      exp(d - MASKED * drop) is exactly 0 there, and s - max for a kept key
-            d = b.slot(f"{tag}d")
-            b.layer(heads, FFN("bilinear", [Unit({src: 1.0, top: -1.0}, d, gate={ONE: 1.0, "drop": -1.0})]))
-            b.layer(ffn=FFN("exp", [Unit({d: 1.0, "drop": -MASKED}, e)]))
+        else:  # over = relu(s - max) * drop: a masked key's excess over the kept maximum (0 for a kept
+            #      key), so s - max - over - MASKED * drop is -MASKED or less for a masked key whatever
+            #      its score (-inf too; +inf and NaN give NaN, as in torch) and s - max for a kept one
+            excess, over = b.slot(f"{tag}excess"), b.slot(f"{tag}over")
+            b.layer(heads, FFN("relu", [Unit({src: 1.0, top: -1.0}, excess)]))
+            b.layer(ffn=FFN("bilinear", [Unit(excess, over, gate="drop")]))
+            b.layer(ffn=FFN("exp", [Unit({src: 1.0, top: -1.0, over: -1.0, "drop": -MASKED}, e)]))
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
                 FFN("reciprocal", [Unit({mean: float(m)}, r)]))
         if tag not in self.scales:

@@ -24,7 +24,7 @@ is two layers (fetch the two operands and multiply; average the terms and scale 
 three, and the stream width and head count do not grow with n, d or the number of heads. All
 routing between the steps is done by the encoder's own attention layers.
 
-Depth: (A, V) form 10 (14 with ffn_hidden); factored form 13. Activations: bilinear, identity, exp,
+Depth: (A, V) form 11 (15 with ffn_hidden); factored form 14. Activations: bilinear, identity, exp,
 reciprocal (+ relu).
 """
 
