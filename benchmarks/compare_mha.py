@@ -38,14 +38,13 @@ import sys
 import time
 from pathlib import Path
 
-# huge pages for PyTorch's large CPU allocations (the term tensors): far fewer page faults; read by
-# torch's allocator, so set before torch is imported (THP_MEM_ALLOC_ENABLE=0 in the environment to compare)
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from common import allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+
+ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 
 import torch  # noqa: E402
 
 import usim  # noqa: E402
-from common import results_folder  # noqa: E402 (benchmarks/ is on sys.path)
 
 
 def timed(fn, device: str, repeats: int) -> float:
@@ -184,7 +183,8 @@ def run_child(flag: list[str], args, timeout: float) -> tuple[list[dict], str]:
 
 def markdown_table(rows: list[dict], meta: dict) -> str:
     head = (f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, {meta['threads']} threads, "
-            f"batch {meta['batch']}, {meta['dtype']}; time = median of {meta['repeats']} calls")
+            f"batch {meta['batch']}, {meta['dtype']}, {allocator_text(meta.get('allocator'))}; "
+            f"time = median of {meta['repeats']} calls")
     lines = [head, "",
              "| n = d | method | time (ms) | × direct | × nn.MHA | × floor | max error | build (s) | first call (s) "
              "| peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -290,6 +290,7 @@ def main() -> None:
             "device_name": torch.cuda.get_device_name() if args.device == "cuda" else
             (platform.processor() or platform.machine()) + f" ({os.cpu_count()} cores)",
             "threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats,
+            "allocator": ALLOCATOR_SETTINGS,
             "growth_exponent_U_fast": growth(rows, "U fast"), "growth_exponent_direct": growth(rows, "direct")}
     out = results_folder(args.out, full)
     out.mkdir(parents=True, exist_ok=True)

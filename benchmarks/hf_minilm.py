@@ -32,9 +32,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model hub
-# huge pages for PyTorch's large CPU allocations (the term tensors): far fewer page faults; read by
-# torch's allocator, so set before torch is imported (THP_MEM_ALLOC_ENABLE=0 in the environment to compare)
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from common import allocator_text, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+
+ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
@@ -115,7 +115,7 @@ def gpt2_part() -> dict:
 
 def markdown(r: dict) -> str:
     b, g = r["bert"], r["gpt2"]
-    lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, THP_MEM_ALLOC_ENABLE={r.get('THP_MEM_ALLOC_ENABLE')}, torch {r['torch']}, "
+    lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, {allocator_text(r.get('allocator'))}, torch {r['torch']}, "
              f"transformers {r['transformers']}, float32, cpu", "",
              f"{b['model']} as BertModel(attn_implementation=\"usim\"): 5 sentences of {b['tokens']} tokens in one "
              f"padded batch of {b['padded_length']}; all {b['layers']} layers' attention cores ({b['heads']} heads) "
@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
-              "load_avg_1min": os.getloadavg()[0], "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"), "torch": torch.__version__,
+              "load_avg_1min": os.getloadavg()[0], "allocator": ALLOCATOR_SETTINGS, "torch": torch.__version__,
               "transformers": transformers.__version__, "bert": bert_part(args), "gpt2": gpt2_part()}
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = Path(args.out)

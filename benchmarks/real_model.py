@@ -44,15 +44,14 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model hub
-# huge pages for PyTorch's large CPU allocations (the term tensors): far fewer page faults; read by
-# torch's allocator, so set before torch is imported (THP_MEM_ALLOC_ENABLE=0 in the environment to compare)
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from common import allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+
+ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 
 import torch
 
 from usim.bert import SimulatedBertLayer, bert_attention_to_mha, simulate_bert_attention
 from usim.mha import SimulatedMultiheadAttention
-from common import results_folder  # benchmarks/ is on sys.path
 
 SENTENCES = [
     "The cat sat on the mat.",
@@ -153,7 +152,7 @@ def run(args) -> dict:
                           f"{platform.machine()} {platform.processor() or ''}".strip()
                           + f" ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"),
               "load_avg_1min": os.getloadavg()[0],  # a shared machine's timings vary with it
-              "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+              "allocator": ALLOCATOR_SETTINGS,
               "python": platform.python_version(), "torch": torch.__version__,
               "transformers": transformers.__version__, "model": name, "device": device,
               "execution": args.execution, "sentences": len(sentences), "tokens": lengths, "seq_len": seq_len,
@@ -232,7 +231,7 @@ def median_call(call, device: str, repeats: int = 3) -> float:
 
 def markdown(r: dict) -> str:
     lines = [f"{r['date']}, {r['machine']}, load average {r['load_avg_1min']:.1f}, "
-             f"THP_MEM_ALLOC_ENABLE={r.get('THP_MEM_ALLOC_ENABLE')}, torch {r['torch']}, "
+             f"{allocator_text(r.get('allocator'))}, torch {r['torch']}, "
              f"transformers {r['transformers']}, {r['device']}", "",
              f"{r['model']}: {r['sentences']} sentences of {r['tokens']} tokens in one padded batch, seq_len "
              f"{r['seq_len']}, {r['layers_simulated']} of {r['layers']} "

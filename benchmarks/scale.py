@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from common import results_folder  # benchmarks/ is on sys.path
+from common import ALLOCATOR, allocator_text, results_folder  # benchmarks/ is on sys.path
 
 # name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len, batch) or "u" (n, d, heads, batch)
 CASES = {
@@ -153,8 +153,9 @@ def main() -> None:
     parser.add_argument("--out", help="folder for scale.{json,md} (default: benchmarks/results for every case, "
                                       "benchmarks/results/partial for some)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per case")
-    parser.add_argument("--no-thp", action="store_true",
-                        help="leave PyTorch's CPU allocator without transparent huge pages (THP_MEM_ALLOC_ENABLE)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="run the cases without benchmarks/common.py's ALLOCATOR settings (huge pages, malloc "
+                             "keeping large blocks) unless the environment sets them")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     args = parser.parse_args()
     if args.one:
@@ -162,8 +163,8 @@ def main() -> None:
         print(json.dumps(run_case(args.one, args.repeats)))
         return
     env = dict(os.environ)
-    if not args.no_thp:  # huge pages for large allocations: fewer page faults on multi-GB tables
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    if not args.default_allocator:  # see benchmarks/common.py (the environment's own settings win)
+        env = {**ALLOCATOR, **env}
     rows = []
     for name in args.cases:
         print(f"{name} ...", flush=True)
@@ -182,14 +183,14 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
             "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
-            "THP_MEM_ALLOC_ENABLE": not args.no_thp, "load average": os.getloadavg()}
+            "allocator": {k: env.get(k) for k in ALLOCATOR}, "load average": os.getloadavg()}
     out = results_folder(args.out, sorted(args.cases) == sorted(CASES))
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",
                "warm / floor", "warm / direct", "peak GB", "max error", "baseline error", "error / baseline"]
     lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32 (batch in the case name, else 1), "
-             f"THP_MEM_ALLOC_ENABLE={int(meta['THP_MEM_ALLOC_ENABLE'])}, load average {meta['load average'][0]:.1f} "
+             f"{allocator_text(meta['allocator'])}, load average {meta['load average'][0]:.1f} "
              "(1-minute, at the end of the run)", "", "| " + " | ".join(columns) + " |",
              "|" + "---|" * len(columns)]
     for row in rows:
