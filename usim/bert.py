@@ -144,14 +144,20 @@ def simulate_bert_attention(model: nn.Module, seq_len: int, *, inplace: bool = F
 
     Raises ValueError if the model holds no such block, or later, in forward, for a longer input.
     """
-    model = model if inplace else copy.deepcopy(model)
-    blocks = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if _is_bert_attention(child)]
-    if not blocks:
-        raise ValueError(f"no BERT self-attention block (with .self.query/key/value and .output.dense/LayerNorm) "
-                         f"found in {type(model).__name__}")
-    for parent, name, child in blocks:
-        setattr(parent, name, SimulatedBertAttention(child, seq_len, execution=execution))
+    return _replace(model if inplace else copy.deepcopy(model), _is_bert_attention,
+                    lambda child: SimulatedBertAttention(child, seq_len, execution=execution),
+                    "BERT self-attention block (with .self.query/key/value and .output.dense/LayerNorm)")
+
+
+def _replace(model: nn.Module, found, make, what: str) -> nn.Module:
+    """model with every submodule for which ``found`` holds replaced by ``make(submodule)``
+    (ValueError naming ``what`` if there is none)."""
+    hits = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+            if found(child)]
+    if not hits:
+        raise ValueError(f"no {what} found in {type(model).__name__}")
+    for parent, name, child in hits:
+        setattr(parent, name, make(child))
     return model
 
 
@@ -254,12 +260,6 @@ def simulate_bert_layers(model: nn.Module, seq_len: int, *, inplace: bool = Fals
     Raises ValueError if the model holds no BERT layer, or later, in forward, for a longer input.
     """
     check_size("seq_len", seq_len)
-    model = model if inplace else copy.deepcopy(model)
-    layers = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-              if _is_bert_layer(child)]
-    if not layers:
-        raise ValueError(f"no BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm) found in "
-                         f"{type(model).__name__}")
-    for parent, name, child in layers:
-        setattr(parent, name, SimulatedBertLayer(child, seq_len, execution=execution))
-    return model
+    return _replace(model if inplace else copy.deepcopy(model), _is_bert_layer,
+                    lambda child: SimulatedBertLayer(child, seq_len, execution=execution),
+                    "BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm)")
