@@ -24,9 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from common import use_allocator_settings  # benchmarks/ is on sys.path
 
-import usim
+use_allocator_settings()  # before torch (real_model.py, imported below, asks for the same)
+
+import torch  # noqa: E402
+
+import usim  # noqa: E402
 
 
 def timed(call, repeats: int = 5) -> float:
