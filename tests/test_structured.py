@@ -70,6 +70,15 @@ def test_batches_run_in_chunks_within_the_budget(monkeypatch, seed):
     assert torch.equal(u(*args), whole), seed
 
 
+def test_an_empty_batch_gives_empty_outputs():
+    u = usim.UniversalSimulator(3, 4, heads=2)
+    assert u(*u_inputs(3, 4, 2, torch.float32, batch=0)).shape == (0, 3, 4)
+    mha = torch.nn.MultiheadAttention(4, 2, batch_first=True)
+    x = torch.randn(0, 3, 4)
+    out, weights = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=3)(x, x, x)
+    assert out.shape == mha(x, x, x)[0].shape and weights.shape == (0, 3, 3)
+
+
 def test_no_index_arrays_in_the_program():
     # A structured plan is a few integers per (head, query cell): no tensor as long as the sequence.
     u = usim.UniversalSimulator(6, 4, heads=2, head_dim=2)

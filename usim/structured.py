@@ -175,7 +175,8 @@ class Program:
             for step in ffns:
                 run.apply(run.ffn(step))
         wanted = dict(self.outputs)
-        return {b: run.whole(wanted[b], b).reshape(run.batch, -1) for b in blocks if b in wanted}
+        return {b: run.whole(wanted[b], b).reshape(run.batch, math.prod(self.shapes[b]))
+                for b in blocks if b in wanted}
 
 
 class _Run:

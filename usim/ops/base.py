@@ -101,7 +101,7 @@ class Construction(nn.Module):
         batch = next(iter(inputs.values())).shape[0]
         rows = max(1, engine.CHUNK // program.size)  # the memory budget: see usim.engine.CHUNK
         parts = [program.forward({i: t[start: start + rows] for i, t in inputs.items()}, wanted)
-                 for start in range(0, batch, rows)]
+                 for start in range(0, max(batch, 1), rows)]  # an empty batch runs once, empty
         results = [(torch.cat([p[index[b.name]] for p in parts]) if len(parts) > 1 else parts[0][index[b.name]])
                    .reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
         return results[0] if len(results) == 1 else tuple(results)
