@@ -66,7 +66,27 @@ class _Shared:
         return _Shared, ((self.key,) if self.build is None else (self.key, self.build))
 
 
-class SimulatedMultiheadAttention(nn.Module):
+class SharedSimulatorMixin:
+    """A drop-in whose constructed encoder is shared by every drop-in of the same sizes (not state):
+    ``simulator`` and a settable ``execution``; the class says in ``_share(mode)`` which ``_Shared``."""
+
+    @property
+    def simulator(self):
+        """The construction computing this module (shared by every drop-in of the same sizes)."""
+        return self._shared.module
+
+    @property
+    def execution(self) -> str:
+        return self._shared.key[-1]
+
+    @execution.setter
+    def execution(self, mode: str) -> None:
+        if mode not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+        self._shared = self._share(mode)
+
+
+class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
     r"""Attention with the signature of :class:`torch.nn.MultiheadAttention`, computed by U.
 
     Args:
@@ -123,22 +143,10 @@ class SimulatedMultiheadAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, seq_len={self.seq_len}"
 
-    @property
-    def simulator(self) -> UniversalSimulator:
-        """The U computing this attention (shared by every drop-in of the same sizes; not state)."""
-        return self._shared.module
-
-    @property
-    def execution(self) -> str:
-        return self._shared.key[-1]
-
-    @execution.setter
-    def execution(self, mode: str) -> None:
-        if mode not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
+    def _share(self, mode: str) -> _Shared:  # the U for these sizes
         extra = int(self.has_bias)  # the homogeneous coordinate
-        self._shared = _Shared((self.seq_len, self.embed_dim + extra, self.num_heads, self.head_dim,
-                                self.kdim + extra, self.vdim + extra, mode))
+        return _Shared((self.seq_len, self.embed_dim + extra, self.num_heads, self.head_dim,
+                        self.kdim + extra, self.vdim + extra, mode))
 
     @classmethod
     def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast", *,

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from usim.engine import EXECUTIONS
-from usim.mha import _Shared
+from usim.mha import SharedSimulatorMixin, _Shared
 from usim.ops.base import check_size
 from usim.ops.layer import EncoderLayerSimulator
 
@@ -63,7 +62,7 @@ def activation_name(activation) -> str:
     raise ValueError(f"activation {activation!r} is not supported: relu or gelu (exact or tanh) only")
 
 
-class SimulatedTransformerEncoderLayer(nn.Module):
+class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
     r"""An encoder layer with the signature of :class:`torch.nn.TransformerEncoderLayer`, computed by
     one constructed encoder (``usim.ops.layer``), for sequences of at most ``seq_len`` tokens.
 
@@ -107,22 +106,10 @@ class SimulatedTransformerEncoderLayer(nn.Module):
         return (f"seq_len={self.seq_len}, activation={self._activation}, norm_first={self.norm_first}, "
                 f"eps={self.norm1.eps}")
 
-    @property
-    def simulator(self) -> EncoderLayerSimulator:
-        """The encoder computing this layer (shared by every drop-in of the same sizes; not state)."""
-        return self._shared.module
-
-    @property
-    def execution(self) -> str:
-        return self._shared.key[-1]
-
-    @execution.setter
-    def execution(self, mode: str) -> None:
-        if mode not in EXECUTIONS:
-            raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
-        self._shared = _Shared((self.seq_len, self.self_attn.embed_dim, self.self_attn.num_heads,
-                                self.linear1.out_features, self._activation, bool(self.norm_first), self._eps,
-                                mode), shared_layer)
+    def _share(self, mode: str) -> _Shared:  # the layer encoder for these sizes
+        return _Shared((self.seq_len, self.self_attn.embed_dim, self.self_attn.num_heads,
+                        self.linear1.out_features, self._activation, bool(self.norm_first), self._eps, mode),
+                       shared_layer)
 
     @classmethod
     def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int,
