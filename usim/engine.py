@@ -295,7 +295,6 @@ class Encoder(nn.Module):
                 values = values.to(torch.int32)
             positions = Positions.from_table(values, columns.tolist()) if values.shape[1] else \
                 Positions([(0,)], {})
-            positions.length = values.shape[1]
         self.slots = list(slots)
         self.positions = positions
         if isinstance(readout, torch.Tensor):
