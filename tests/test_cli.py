@@ -70,10 +70,10 @@ def test_describe_an_op_checkpoint():
 
 
 def test_describe_a_u_checkpoint(capsys):
-    assert main(["describe", str(CHECKPOINTS / "u_n3_d3_h1.safetensors")]) == 0
+    assert main(["describe", str(CHECKPOINTS / "universal_av.safetensors")]) == 0
     out = capsys.readouterr().out
-    u = usim.load(CHECKPOINTS / "u_n3_d3_h1.safetensors")
-    assert "UniversalSimulator" in out and "n=3, d=3, heads=1" in out
+    u = usim.load(CHECKPOINTS / "universal_av.safetensors")
+    assert "UniversalSimulator" in out and "form=av" in out and "sizes           any" in out
     rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\d+\s", line)]
     assert len(rows) == u.depth
     for activation in ("bilinear", "exp", "reciprocal"):

@@ -146,7 +146,7 @@ def test_module_habits(seed):
     assert torch.equal(built_in_inference(x, a, v), y), seed
     with pytest.raises(ValueError, match="float32 or float64"):
         u(x.half(), a.half(), v.half())
-    assert "\n" not in repr(u) and "depth=11" in repr(u)
+    assert "\n" not in repr(u) and "depth=12" in repr(u)
     sim = SimulatedMultiheadAttention(8, 2, seq_len=3)
     assert len(repr(sim).splitlines()) == len(repr(nn.MultiheadAttention(8, 2)).splitlines()) + 1
     x = torch.randn(3, 1, 8)

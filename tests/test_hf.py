@@ -55,7 +55,7 @@ def test_padded_batch_equals_eager(seed, kind):
     ids, mask = padded_batch(left=kind != "bert")
     usim.hf.clear_cache()
     ours, weights = run(model, "usim", ids, mask)
-    assert len(usim.hf.simulators()) == 1, seed  # U ran, one U for every layer (7 tokens -> bucket 8)
+    assert len(usim.hf.simulators()) == 1, seed  # U ran, one universal core for every layer
     eager, eager_weights = run(model, "eager", ids, mask)
     # the truth: float64 sdpa (Llama's eager takes its softmax in float32), at the real tokens (eager
     # and sdpa treat the rows of padding queries differently; real tokens never read them)
@@ -79,8 +79,10 @@ def test_greedy_generate_with_cache_and_left_padding_equals_eager(seed, kind):
     usim.hf.clear_cache()
     model.set_attn_implementation("usim")
     ours = model.generate(ids, **settings)
-    # the prompt (9 -> 16 queries and keys), then one query over 10..20 keys (buckets 16, 32)
-    assert sorted(key[:2] for key in usim.hf.simulators()) == [(1, 16), (1, 32), (16, 16)], seed
+    # one core; its call shapes: the prompt (9 queries and keys), then one query over 10..20 keys
+    assert list(usim.hf.simulators()) == ["core"], seed
+    shapes = sorted(key[:2] for key in usim.hf.core().frames)
+    assert shapes == sorted([(9, 9)] + [(1, m) for m in range(10, 21)]), seed
     model.set_attn_implementation("eager")
     assert torch.equal(ours, model.generate(ids, **settings)), seed
 

@@ -56,9 +56,6 @@ def test_bad_input():
         sim(x, x, x, attn_mask=torch.zeros(3, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
         sim(x, x, x, key_padding_mask=[[False, False, True]])
-    with pytest.raises(ValueError, match="seq_len"):
-        y = torch.randn(4, 1, 4)
-        sim(y, y, y)
     with pytest.raises(ValueError, match="key"):
         sim(x, torch.randn(3, 2, 4), x)
     with pytest.raises(ValueError, match="divisible"):

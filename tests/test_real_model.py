@@ -56,8 +56,7 @@ def test_inplace_and_bad_arguments():
     assert simulate_bert_attention(model, seq_len=4, inplace=True) is model
     assert list(model.encoder.layer) == layers
     assert all(isinstance(layer.attention, SimulatedBertAttention) for layer in layers)
-    with pytest.raises(ValueError, match="seq_len"):  # inputs longer than the simulator's seq_len
-        model(input_ids=torch.ones(1, 5, dtype=torch.long))
+    assert model(input_ids=torch.ones(1, 5, dtype=torch.long)).last_hidden_state.shape[1] == 5  # any length
     with pytest.raises(ValueError, match="seq_len"):
         simulate_bert_attention(tiny_bert(), seq_len=0)
     with pytest.raises(ValueError, match="no BERT self-attention"):

@@ -32,7 +32,7 @@ def test_equals_fresh_construction(stem):
         meta = f.metadata()
     # format 3 where the positional features are in closed form (U), else format 2 (a table)
     assert meta["usim.format"] == (CLOSED_FORM_VERSION if "positional_pieces" in expected else FORMAT_VERSION)
-    assert ("positional_pieces" in expected) == stem.startswith("u_")
+    assert ("positional_pieces" in expected) == stem.startswith("universal_")
     assert json.loads(meta["usim.module"]) == {"kind": fresh.kind, "args": fresh.args}
     assert json.loads(meta["usim.slots"]) == fresh.encoder.slots
 
@@ -67,14 +67,19 @@ def test_ops_through_bare_encoder(seed):
     torch.testing.assert_close(module(well), torch.linalg.det(well), rtol=1e-10, atol=1e-10, msg=f"seed {seed}")
 
 
-@pytest.mark.parametrize("n", [3, 4, 8])
-@pytest.mark.parametrize("heads", [1, 2])
-def test_simulators_through_bare_encoder(seed, n, heads):
-    path = ROOT / f"u_n{n}_d{n}_h{heads}.safetensors"
-    x = torch.randn(n, n, dtype=torch.float64)
-    a, v = torch.randn(heads, n, n, dtype=torch.float64) / n, torch.randn(heads, n, n, dtype=torch.float64)
-    module, outputs = run_bare(path, x, *a, *v, torch.zeros(n, dtype=torch.float64))  # no key ignored
-    y = outputs[0]
+@pytest.mark.parametrize("n, d, heads", [(3, 3, 1), (4, 4, 2), (8, 5, 2)])
+def test_universal_file_through_bare_encoder(seed, n, d, heads):
+    """The one (A, V) file runs every size: the layout of (n, d, heads) over the file's weights, in
+    the bare encoder, gives softmax(x a x^T) x v summed over heads."""
+    from usim.ops.simulator import _builder
+
+    module = usim.load(ROOT / "universal_av.safetensors")
+    encoder = usim.Encoder.load(ROOT / "universal_av.safetensors")
+    b, layout = _builder("av", (n, d, heads, None))
+    x = torch.randn(n, d, dtype=torch.float64)
+    a, v = torch.randn(heads, d, d, dtype=torch.float64) / d, torch.randn(heads, d, d, dtype=torch.float64)
+    seq = layout.pack(x, *a, *v, torch.zeros(n, dtype=torch.float64))  # no key ignored
+    y = layout.unpack(encoder(seq, b.frame()))[0][0]  # the output y of the one packed sequence
     scores = torch.einsum("id,hde,je->hij", x, a, x)
     reference = (torch.softmax(scores, -1) @ (x @ v)).sum(0)
     torch.testing.assert_close(y, reference, rtol=1e-10, atol=1e-10, msg=f"seed {seed}")

@@ -311,7 +311,7 @@ def test_export_is_deterministic(tmp_path):
     from usim.export import shipped
 
     shipped_dir = Path(__file__).resolve().parents[1] / "checkpoints"
-    for stem in ("transpose_4x4", "softmax_4x4", "u_n3_d3_h1"):
+    for stem in ("transpose_4x4", "softmax_4x4", "universal_av"):
         module = shipped()[stem]()
         usim.save(module, tmp_path / "a.safetensors")
         usim.save(shipped()[stem](), tmp_path / "b.safetensors")
@@ -346,7 +346,7 @@ def test_cli_answers_without_tracebacks(capfd, tmp_path, monkeypatch):
         assert status != 0 and message in text, (argv, text)
     usim.save(SimulatedMultiheadAttention(4, 2, seq_len=2), "drop_in.safetensors")
     status, text = _cli(capfd, "describe", "drop_in.safetensors")
-    assert status == 0 and "SimulatedMultiheadAttention" in text and "UniversalSimulator(n=2" in text, text
+    assert status == 0 and "SimulatedMultiheadAttention" in text and "UniversalSimulator(form=factored)" in text, text
 
 
 def test_cli_show_names_the_file_it_wrote(capfd, tmp_path, monkeypatch):

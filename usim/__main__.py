@@ -141,8 +141,8 @@ def mha_demo(args, x) -> None:
     out64, _ = mha64(x64, x64, x64)
     _section(3, "A drop-in replacement for torch.nn.MultiheadAttention")
     print(f"SimulatedMultiheadAttention.from_torch(mha) copies the weights of a torch attention layer (vectors\n"
-          f"of {d} numbers, {heads} heads) into a U built for {n} vectors ({sim.simulator.depth} layers, "
-          f"{sim.simulator.layout.length} tokens in its input),\nin {_ms(build)}. "
+          f"of {d} numbers, {heads} heads) and computes it with the one universal U ({sim.simulator.depth} "
+          f"layers, the same weights for every size),\nin {_ms(build)}. "
           f"Here it runs on the same {args.batch} random inputs x as part 2.")
     print(f"  one call: simulated {_ms(elapsed)} (first call {_ms(first)}), nn.MultiheadAttention {_ms(torch_time)}")
     print(f"  largest output error against float64: simulated {(out.double() - out64).abs().max().item():.1e}, "
@@ -225,6 +225,17 @@ def parse_layers(text: str | None, depth: int | None = None, title: str = "the c
     return [i - 1 for i in chosen]
 
 
+def _drop_in_u(drop_in):
+    """The U computing a drop-in, at its sizes (its seq_len, else 4 tokens): the universal U's
+    weights at fixed sizes, which a figure can draw."""
+    from usim.ops.simulator import UniversalSimulator
+
+    extra = int(drop_in.has_bias)  # the homogeneous coordinate
+    n = drop_in.seq_len or 4
+    return UniversalSimulator(n, drop_in.embed_dim + extra, drop_in.num_heads, head_dim=drop_in.head_dim,
+                              kv_len=n, kdim=drop_in.kdim + extra, vdim=drop_in.vdim + extra)
+
+
 def show(args) -> None:
     from usim.plot import INSTALL_HINT
 
@@ -239,7 +250,7 @@ def show(args) -> None:
             module = usim.load(args.op)
             if isinstance(module, usim.SimulatedMultiheadAttention):  # a drop-in is drawn as the U computing it
                 print(f"{args.op} is a drop-in for nn.MultiheadAttention: drawing the U that computes it")
-                module = module.simulator
+                module = _drop_in_u(module)
         else:
             module = build_op(args.op, args.sizes, heads=args.heads, group_size=args.group_size,
                               head_dim=args.head_dim)
@@ -300,7 +311,10 @@ def describe_checkpoint(path) -> str:
         f"  file            {_size(os.path.getsize(path))}: {len(shapes)} tensors, {numbers:,} numbers "
         f"({', '.join(dtypes)})",
         f"  layers          {encoder.depth}, with at most {encoder.width} attention heads in one layer",
-        f"  tokens          {layout.length} in the input sequence, one number each, by block:",
+        *([f"  sizes           any: one set of weights for every size of its form (the sizes are read off",
+           f"                  the inputs); its smallest size, all sizes 1, has {layout.length} tokens, by block:"]
+          if getattr(module, "universal", False) else
+          [f"  tokens          {layout.length} in the input sequence, one number each, by block:"]),
         *blocks,
         f"  stream slots    {encoder.stream_width} named numbers carried by every token: "
         f"{_clip(', '.join(encoder.slots), 70)}",
@@ -341,9 +355,9 @@ def _describe_drop_in(path, module) -> str:
         "nn.MultiheadAttention's state_dict:",
         *[f"{'':18}{name:<16}  {'×'.join(map(str, shape))}" for name, shape in sorted(shapes.items())],
         f"  computed by     {u.title}: {u.depth} layers, at most {u.width} attention heads in one layer, "
-        f"{u.encoder.length} tokens,",
-        f"{'':18}{u.encoder.stream_width} stream slots (the weights are U's inputs; U is rebuilt from the sizes, "
-        "not stored)",
+        "any size,",
+        f"{'':18}{u.encoder.stream_width} stream slots (the weights are U's inputs; U is the one universal U of "
+        "its form, not stored)",
     ])
 
 

@@ -42,6 +42,7 @@ import inspect
 import torch
 from torch import nn
 
+from usim.engine import EXECUTIONS
 from usim.mha import SimulatedMultiheadAttention, _Shared
 from usim.ops.base import check_size
 from usim.transformer import additive_mask, fold_weights, shared_layer
@@ -120,7 +121,7 @@ class SimulatedBertAttention(nn.Module):
 
     _ignored = {"position_ids"}  # handed to every layer by transformers 5; self-attention does not read it
 
-    def __init__(self, attention: nn.Module, seq_len: int, execution: str = "fast"):
+    def __init__(self, attention: nn.Module, seq_len: int | None = None, execution: str = "fast"):
         super().__init__()
         self.mha = SimulatedMultiheadAttention.from_torch(bert_attention_to_mha(attention), seq_len,
                                                           execution=execution)
@@ -137,10 +138,10 @@ class SimulatedBertAttention(nn.Module):
         return self.LayerNorm(self.dropout(out) + hidden_states), None
 
 
-def simulate_bert_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
+def simulate_bert_attention(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
                             execution: str = "fast") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT self-attention block replaced by a
-    :class:`SimulatedBertAttention` built for sequences of at most ``seq_len`` tokens.
+    :class:`SimulatedBertAttention` (any length; ``seq_len``, optional, is planned ahead).
 
     Raises ValueError if the model holds no such block, or later, in forward, for a longer input.
     """
@@ -196,9 +197,12 @@ class SimulatedBertLayer(nn.Module):
 
     _ignored = SimulatedBertAttention._ignored
 
-    def __init__(self, layer: nn.Module, seq_len: int, execution: str = "fast"):
+    def __init__(self, layer: nn.Module, seq_len: int | None = None, execution: str = "fast"):
         super().__init__()
-        check_size("seq_len", seq_len)
+        if seq_len is not None:
+            check_size("seq_len", seq_len)
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
         if not _is_bert_layer(layer):
             raise TypeError(f"expected a BERT layer (.attention, .intermediate.dense, .output.dense/LayerNorm), "
                             f"got {type(layer).__name__}")
@@ -213,10 +217,11 @@ class SimulatedBertLayer(nn.Module):
         self.attention, self.intermediate, self.output = layer.attention, layer.intermediate, layer.output
         self._tuple = "output_attentions" in inspect.signature(type(layer).forward).parameters  # transformers 4.x
         sub = layer.attention.self
-        key = (seq_len, sub.query.in_features, sub.num_attention_heads, layer.intermediate.dense.out_features,
-               bert_activation(layer.intermediate.intermediate_act_fn), False, eps.pop(), execution)
-        self._shared = _Shared(key, shared_layer)
-        self.seq_len = seq_len
+        self._shared = _Shared((bert_activation(layer.intermediate.intermediate_act_fn), False), shared_layer)
+        self.seq_len, self._eps, self.execution = seq_len, eps.pop(), execution
+        if seq_len is not None:
+            self.simulator.plan(seq_len, sub.query.in_features, sub.num_attention_heads,
+                                layer.intermediate.dense.out_features)
         self.train(layer.training)
 
     @property
@@ -242,24 +247,25 @@ class SimulatedBertLayer(nn.Module):
             if rates:
                 raise ValueError(f"dropout in training mode is not simulated (got {rates}): call .eval()")
         x = hidden_states
-        if x.dim() != 3 or x.shape[1] > self.seq_len:
-            raise ValueError(f"hidden_states must be (batch, length <= seq_len {self.seq_len}, hidden), "
-                             f"got {tuple(x.shape)}")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            raise ValueError(f"hidden_states must be (batch, length, hidden), got {tuple(getattr(x, 'shape', ()))}")
         padding = _key_padding_mask(attention_mask, *x.shape[:2])
         mask = additive_mask(None, padding, x, self.attention.self.num_attention_heads, False)
-        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask)
+        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask, eps=self._eps,
+                             execution=self.execution)
         return (out,) if self._tuple else out
 
 
-def simulate_bert_layers(model: nn.Module, seq_len: int, *, inplace: bool = False,
+def simulate_bert_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
                          execution: str = "fast") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT encoder layer replaced by a
-    :class:`SimulatedBertLayer` built for sequences of at most ``seq_len`` tokens: attention, residuals,
+    :class:`SimulatedBertLayer` (any length; ``seq_len``, optional, is planned ahead): attention, residuals,
     LayerNorms and feed-forward all computed by constructed encoders (one per distinct size).
 
-    Raises ValueError if the model holds no BERT layer, or later, in forward, for a longer input.
+    Raises ValueError if the model holds no BERT layer.
     """
-    check_size("seq_len", seq_len)
+    if seq_len is not None:
+        check_size("seq_len", seq_len)
     return _replace(model if inplace else copy.deepcopy(model), _is_bert_layer,
                     lambda child: SimulatedBertLayer(child, seq_len, execution=execution),
                     "BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm)")

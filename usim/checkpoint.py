@@ -228,7 +228,8 @@ def _load_drop_in(metadata: dict, tensors: dict, path: str, verify: bool, execut
     if not isinstance(args, dict) or sorted(args) != sorted(DROP_IN_ARGS):
         raise ValueError(f"{path}: 'usim.module' args of a {DROP_IN} must be exactly {list(DROP_IN_ARGS)}")
     for key in ("embed_dim", "num_heads", "seq_len", "kdim", "vdim"):
-        _int(args[key], f"{path}: 'usim.module' args.{key}", minimum=1)
+        if key != "seq_len" or args[key] is not None:  # seq_len: optional (a length planned ahead)
+            _int(args[key], f"{path}: 'usim.module' args.{key}", minimum=1)
     for key in ("bias", "batch_first"):
         if not isinstance(args[key], bool):
             raise ValueError(f"{path}: 'usim.module' args.{key} must be true or false, got {_short(args[key])}")

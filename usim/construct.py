@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from usim.engine import ACTIVATIONS, FFN as FFNModule, Encoder, EncoderLayer, HardAttention
+from usim.engine import ACTIVATIONS, FFN as FFNModule, Encoder, EncoderLayer, Frame, HardAttention
 from usim.layout import Layout
 from usim.positions import Piece, Positions, whole
 
@@ -263,12 +263,18 @@ class Builder:
         return FFNModule(ffn.activation, w_in, torch.zeros(rows, dtype=torch.float64), w_out,
                          self._vec(ffn.bias_out))
 
-    def build(self) -> Encoder:
+    def frame(self) -> Frame:
+        """The per-size facts alone (positions and readout), without building any weight."""
         if not self.readout and self.layout.outputs:
             raise ValueError("no result slot set: call result(block, slot)")
         positions = Positions([blk.shape for blk in self.layout.blocks],
                               {self.slots.index(n): pieces for n, pieces in self._pos.items()})
         readout = [self.slots.index(self.readout.get(blk.name, "value")) for blk in self.layout.blocks]
+        return Frame(positions, readout)
+
+    def build(self) -> Encoder:
+        frame = self.frame()
+        positions, readout = frame.positions, frame.readout_blocks.tolist()
         layers = [
             EncoderLayer(self._attention(heads) if heads else None, self._ffn(ffn) if ffn else None)
             for heads, ffn in self.layers

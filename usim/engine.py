@@ -251,6 +251,51 @@ def _add_columns(x: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor) ->
     return x.index_add_(-1, columns, delta)
 
 
+class Frame:
+    """The per-size facts of one token sequence, apart from the weights: the positional features in
+    closed form (``usim.positions.Positions``) and the slot read in each block. An encoder's weights
+    are the same for every size of its form; a frame says where each block lies and what is read out.
+    ``Encoder.forward(seq, frame=...)`` runs the weights over any frame (plans are cached per frame)."""
+
+    def __init__(self, positions: Positions, readout_blocks):
+        if not isinstance(positions, Positions):
+            raise TypeError(f"positions must be a usim.positions.Positions, got {type(positions).__name__}")
+        readout_blocks = torch.as_tensor(readout_blocks, dtype=torch.long)
+        if readout_blocks.shape != (len(positions.shapes),):
+            raise ValueError(f"readout: {tuple(readout_blocks.shape)} slots for {len(positions.shapes)} blocks")
+        self.positions, self.readout_blocks = positions, readout_blocks
+
+    @property
+    def length(self) -> int:
+        return self.positions.length
+
+    @property
+    def readout(self) -> torch.Tensor:
+        """(L,) the slot read at each position."""
+        if "_readout" not in self.__dict__:
+            sizes = torch.tensor(self.positions.offsets).diff()
+            self.__dict__["_readout"] = self.readout_blocks.repeat_interleave(sizes)
+        return self.__dict__["_readout"]
+
+    @property
+    def positional(self) -> torch.Tensor:
+        return self._table()[0]
+
+    @property
+    def positional_slots(self) -> torch.Tensor:
+        return self._table()[1]
+
+    def _table(self):
+        if "_table_cache" not in self.__dict__:
+            with torch.inference_mode(False):
+                self.__dict__["_table_cache"] = self.positions.table()
+        return self.__dict__["_table_cache"]
+
+
+# Frames whose plans and programs an encoder keeps at once (the oldest is dropped first).
+FRAMES_CACHED = 256
+
+
 class Encoder(nn.Module):
     """The generic encoder: embeds a (B, L) token sequence, runs the layers, reads one slot per position.
 
@@ -304,7 +349,9 @@ class Encoder(nn.Module):
         else:
             if len(readout) != len(positions.shapes):
                 raise ValueError(f"readout: {len(readout)} slots for {len(positions.shapes)} blocks")
-            self.register_buffer("readout_blocks", torch.tensor([int(r) for r in readout], dtype=torch.long))
+            # a layout fact, not a weight: kept with the encoder, never in its state_dict
+            self.register_buffer("readout_blocks", torch.tensor([int(r) for r in readout], dtype=torch.long),
+                                 persistent=False)
         self.layers = nn.ModuleList(layers)
 
     @property
@@ -374,84 +421,112 @@ class Encoder(nn.Module):
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
         self._execution = mode
 
-    def _cache(self) -> dict:
-        """Plans and programs, valid while no weight, table or readout changes (in place or not)."""
+    def _cache(self, frame: Frame | None = None) -> dict:
+        """Plans and programs of a frame (None: the encoder's own), valid while no weight, table or
+        readout changes (in place or not)."""
         fingerprint = _versions(self)
         if self.__dict__.get("_cache_key") != fingerprint:
             self.__dict__["_cache_key"], self.__dict__["_cached"] = fingerprint, {}
-        return self.__dict__["_cached"]
+        cache = self.__dict__["_cached"]
+        if frame is None:
+            return cache
+        frames = cache.setdefault("frames", {})  # frame -> its cache, oldest first
+        if frame not in frames:
+            while len(frames) >= FRAMES_CACHED:
+                del frames[next(iter(frames))]
+            frames[frame] = {}
+        return frames[frame]
 
-    def plans(self, device=None) -> list:
-        """The fast execution's per-layer head plans (computed once, cached per device)."""
-        cache = self._cache()
+    def _frame(self, frame: Frame | None):
+        """What carries the per-size facts: the given frame, else the encoder itself."""
+        if frame is not None and not isinstance(frame, Frame):
+            raise TypeError(f"frame must be a usim.engine.Frame, got {type(frame).__name__}")
+        return self if frame is None else frame
+
+    def plans(self, device=None, frame: Frame | None = None) -> list:
+        """The fast execution's per-layer head plans (computed once, cached per device and frame)."""
+        cache = self._cache(frame)
         if "plans" not in cache:
-            cache["plans"] = plan_encoder(self)
+            cache["plans"] = plan_encoder(self, self._frame(frame))
         device = torch.device(device or "cpu")
         if ("plans", str(device)) not in cache:
             cache["plans", str(device)] = [None if p is None else [h.to(device) for h in p] for p in cache["plans"]]
         return cache["plans", str(device)]
 
-    def embed(self, seq: torch.Tensor) -> torch.Tensor:
-        x = seq.new_zeros(seq.shape[0], self.length, self.stream_width)
-        x[..., self.positional_slots.to(seq.device)] = _cast(self.positional, seq).T
+    def embed(self, seq: torch.Tensor, frame: Frame | None = None) -> torch.Tensor:
+        source = self._frame(frame)
+        x = seq.new_zeros(seq.shape[0], source.length, self.stream_width)
+        x[..., source.positional_slots.to(seq.device)] = _cast(source.positional, seq).T
         x[..., self.slots.index("value")] += seq
         return x
 
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        """seq (B, L) or (L,) floating -> the same shape."""
+    def forward(self, seq: torch.Tensor, frame: Frame | None = None, execution: str | None = None) -> torch.Tensor:
+        """seq (B, L) or (L,) floating -> the same shape. ``frame``: the sizes to run the weights at
+        (default: the encoder's own); ``execution``: this call's (default: ``self.execution``)."""
         if not torch.is_floating_point(seq):
             raise ValueError(f"sequence dtype must be floating, got {seq.dtype}")
+        execution = self._execution_of(execution)
+        length = self._frame(frame).length
         unbatched = seq.dim() == 1
         if unbatched:
             seq = seq[None]
-        if seq.dim() != 2 or seq.shape[1] != self.length:
-            raise ValueError(f"sequence shape {tuple(seq.shape)} does not fit length L={self.length}")
-        if self.execution == "fast" and not self._observed():
-            program = self.program(seq.dtype, seq.device)
+        if seq.dim() != 2 or seq.shape[1] != length:
+            raise ValueError(f"sequence shape {tuple(seq.shape)} does not fit length L={length}")
+        if execution == "fast" and not self._observed():
+            program = self.program(seq.dtype, seq.device, frame)
             rows = max(1, CHUNK // program.size)
             out = torch.cat([program.run(part) for part in seq.split(rows)])
         else:  # the whole stream, layer by layer (what hooks observe); fast uses the head plans
-            plans = self.plans(seq.device) if self.execution == "fast" else [None] * self.depth
+            plans = self.plans(seq.device, frame) if execution == "fast" else [None] * self.depth
             # The batch runs in chunks so that the stream and the heads' values stay near CHUNK numbers.
             heads = max([self.width] + [layer.attn.heads * layer.attn.value.shape[1]
                                         for layer in self.layers if layer.attn is not None])
-            rows = max(1, CHUNK // (self.length * max(self.stream_width, heads)))
-            out = torch.cat([self._run(part, plans) for part in seq.split(rows)])
+            rows = max(1, CHUNK // (length * max(self.stream_width, heads)))
+            out = torch.cat([self._run(part, plans, frame) for part in seq.split(rows)])
         return out[0] if unbatched else out
+
+    def _execution_of(self, execution: str | None) -> str:
+        if execution is None:
+            return self.execution
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+        return execution
 
     def _observed(self) -> bool:
         """Whether a hook watches an intermediate (then the whole stream is computed)."""
         return any(m._forward_hooks or m._forward_pre_hooks for layer in self.layers for m in
                    [layer.hook_resid] + ([layer.attn.hook_pattern] if layer.attn is not None else []))
 
-    def structured(self, dtype, device):
+    def structured(self, dtype, device, frame: Frame | None = None, execution: str | None = None):
         """The structured program (``usim.structured``) when the fast execution runs one (no hook
         observes the stream and every selection is affine), else None."""
-        if self.execution != "fast" or self._observed():
+        if self._execution_of(execution) != "fast" or self._observed():
             return None
-        program = self.program(dtype, device)
+        program = self.program(dtype, device, frame)
         return program if getattr(program, "structured", False) else None
 
-    def program(self, dtype=torch.float64, device=None):
-        """The fast execution's compiled program (``usim.program.Program``), cached per dtype and device."""
-        cache = self._cache()
+    def program(self, dtype=torch.float64, device=None, frame: Frame | None = None):
+        """The fast execution's compiled program (``usim.program.Program``), cached per dtype, device
+        and frame."""
+        cache = self._cache(frame)
         key = ("program", dtype, str(torch.device(device or "cpu")))
         if key not in cache:  # compiled per dtype and device (a float64 master would double the memory)
             if "structured" not in cache:
                 try:
-                    cache["structured"] = compile_structured(self)
+                    cache["structured"] = compile_structured(self, self._frame(frame))
                 except NotStructured as e:
                     cache["structured"] = None
                     cache["why not structured"] = str(e)
             structured = cache["structured"]
-            cache[key] = structured if structured is not None else compile_encoder(self).to(dtype, device)
+            cache[key] = structured if structured is not None else \
+                compile_encoder(self, self._frame(frame)).to(dtype, device)
         return cache[key]
 
-    def _run(self, seq: torch.Tensor, plans: list) -> torch.Tensor:
-        x = self.embed(seq)
+    def _run(self, seq: torch.Tensor, plans: list, frame: Frame | None = None) -> torch.Tensor:
+        x = self.embed(seq, frame)
         for layer, plan in zip(self.layers, plans):
             x = layer(x, plan)
-        index = self.readout.to(seq.device).expand(x.shape[0], -1)[..., None]
+        index = self._frame(frame).readout.to(seq.device).expand(x.shape[0], -1)[..., None]
         return x.gather(-1, index)[..., 0]
 
     # The checkpoint reader, set by ``usim.checkpoint`` when it is imported (it imports this module,

@@ -28,9 +28,17 @@ def shipped() -> dict:
         "inverse_4": lambda: Inverse(4),
         "determinant_4": lambda: Determinant(4),
     }
-    for n in (3, 4, 8):
-        for heads in (1, 2):
-            table[f"u_n{n}_d{n}_h{heads}"] = lambda n=n, heads=heads: UniversalSimulator(n, n, heads=heads)
+    from usim.ops.attention_core import AttentionCore
+    from usim.ops.layer import LAYER_ACTIVATIONS, EncoderLayerSimulator
+
+    # one file per universal form: the same weights run every size
+    for form in ("av", "av_ffn", "factored"):
+        table[f"universal_{form}"] = lambda form=form: UniversalSimulator(form=form)
+    table["universal_core"] = AttentionCore
+    for activation in LAYER_ACTIVATIONS:
+        for norm_first, place in ((True, "prenorm"), (False, "postnorm")):
+            table[f"universal_layer_{activation}_{place}"] = \
+                lambda a=activation, f=norm_first: EncoderLayerSimulator(activation=a, norm_first=f)
     return table
 
 

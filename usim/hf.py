@@ -20,9 +20,10 @@ masked gives what eager gives: the average of all values when masked by the dtyp
 scores all round to it; U's row gets scaling 0 and bias 0), NaN when masked by -inf or a bool mask. No mask with a causal module (``is_causal``): key j is kept for
 query i when j <= i + S - L (the queries are the last L positions).
 
-U is built per size bucket: L and S rounded up to powers of two, the inputs padded and the padding
-masked; one U per (L bucket, S bucket, H, G, D) serves every layer and every call (a ``generate()``
-builds a few). Options U does not compute (``softcap``, attention sinks, ...) raise ValueError.
+One universal core (``AttentionCore()``, its weights the same for every size) serves every layer,
+every model and every call: each call shape (L, S, H, G, D) gets its layout and plans once, so a
+``generate()`` that grows the sequence builds no new encoder and computes on no padding. Options U
+does not compute (``softcap``, attention sinks, ...) raise ValueError.
 Non-finite inputs propagate as in eager attention; nothing is checked on the host.
 """
 
@@ -42,32 +43,27 @@ _IGNORED = {"position_ids", "cache_position", "use_cache", "past_key_values", "p
             "output_attentions", "output_hidden_states", "return_dict", "sliding_window", "is_causal",
             "deterministic", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "token_type_ids"}
 
-_CORES: dict = {}
+_CORES: dict = {}  # "core" -> the one universal AttentionCore
 _LOCK = threading.Lock()
 
 
-def bucket(length: int) -> int:
-    """The power of two >= length."""
-    return 1 << max(length - 1, 0).bit_length()
-
-
-def core(queries: int, keys: int, heads: int, kv_heads: int, head_dim: int) -> AttentionCore:
-    """The shared U for at most these many queries and keys (rounded up to powers of two)."""
-    key = (bucket(queries), bucket(keys), heads, kv_heads, head_dim)
+def core() -> AttentionCore:
+    """The one universal attention core every call shares (built on first use)."""
     with _LOCK:
-        if key not in _CORES:
-            _CORES[key] = AttentionCore(key[0], key[1], heads=heads, head_dim=head_dim, kv_heads=kv_heads)
-        return _CORES[key]
+        if "core" not in _CORES:
+            with torch.inference_mode(False):
+                _CORES["core"] = AttentionCore()
+        return _CORES["core"]
 
 
 def simulators() -> dict:
-    """The shared simulators built so far, by (query bucket, key bucket, heads, kv_heads, head_dim)."""
+    """The shared simulators built so far: {"core": the universal AttentionCore} once a call ran."""
     with _LOCK:
         return dict(_CORES)
 
 
 def clear_cache() -> None:
-    """Forget the shared simulators (they are rebuilt on the next call)."""
+    """Forget the shared simulator (it is rebuilt on the next call)."""
     with _LOCK:
         _CORES.clear()
 
@@ -115,7 +111,7 @@ def usim_attention_forward(module, query, key, value, attention_mask, scaling=No
     if dropout and module.training:  # as eager: dropout on the weights, the kept ones scaled by 1 / (1 - p)
         keep = torch.rand(query.shape[0], heads, length, source, device=query.device) >= dropout
         scale = keep.to(query.dtype) / (1 - dropout)
-    sim = core(length, source, heads, kv_heads, head_dim)
+    sim = core()
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     out, weights = sim.attention(query, key, value, scaling=factor * scaling, ignore=ignore, bias=bias,
                                  weight_scale=scale)

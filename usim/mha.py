@@ -29,30 +29,27 @@ from usim.engine import EXECUTIONS
 from usim.ops.base import check_size
 from usim.ops.simulator import UniversalSimulator
 
-# One U per (seq_len, d, heads, head_dim, execution), shared by every drop-in of those sizes: the
-# MHA weights are U's *inputs*, so six MiniLM layers need one encoder and one compiled program.
+# One universal U of the factored form, shared by every drop-in of every size: the MHA weights are
+# U's *inputs* and its weights are the same for every size, so any number of drop-ins (and any
+# sequence length) need one encoder; each call shape gets its layout and plans once (frames).
 _SIMULATORS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 
-def shared_simulator(seq_len: int, d: int, heads: int, head_dim: int, kdim: int, vdim: int,
-                     execution: str) -> UniversalSimulator:
-    """The U of these sizes (keys and values of up to seq_len tokens too), built on first use and
-    kept while a drop-in holds it."""
-    key = (seq_len, d, heads, head_dim, kdim, vdim, execution)
+def shared_simulator(form: str = "factored") -> UniversalSimulator:
+    """The one universal U of this form, built on first use and kept while a drop-in holds it."""
     with _LOCK:
-        simulator = _SIMULATORS.get(key)
+        simulator = _SIMULATORS.get(form)
         if simulator is None:  # built out of inference mode: drop-ins that train share it too
             with torch.inference_mode(False):
-                simulator = UniversalSimulator(seq_len, d, heads=heads, head_dim=head_dim, kv_len=seq_len, kdim=kdim,
-                                               vdim=vdim, execution=execution)
-            _SIMULATORS[key] = simulator
+                simulator = UniversalSimulator(form=form)
+            _SIMULATORS[form] = simulator
         return simulator
 
 
 class _Shared:
     """Holds a shared simulator outside the module tree: not in state_dict, not copied by deepcopy,
-    pickled as its sizes (rebuilt or found again on load). ``build(*key)`` finds or builds it
+    pickled as its key (found again or rebuilt on load). ``build(*key)`` finds or builds it
     (default: ``shared_simulator``)."""
 
     def __init__(self, key: tuple, build=None):
@@ -67,23 +64,26 @@ class _Shared:
 
 
 class SharedSimulatorMixin:
-    """A drop-in whose constructed encoder is shared by every drop-in of the same sizes (not state):
-    ``simulator`` and a settable ``execution``; the class says in ``_share(mode)`` which ``_Shared``."""
+    """A drop-in whose constructed encoder is shared by every drop-in of its form (not state):
+    ``simulator`` and a settable ``execution`` (the drop-in's own, passed to every call); the class
+    says in ``_share()`` which ``_Shared``."""
 
     @property
     def simulator(self):
-        """The construction computing this module (shared by every drop-in of the same sizes)."""
+        """The construction computing this module (shared by every drop-in of its form)."""
+        if "_shared" not in self.__dict__:
+            self._shared = self._share()
         return self._shared.module
 
     @property
     def execution(self) -> str:
-        return self._shared.key[-1]
+        return self._execution
 
     @execution.setter
     def execution(self, mode: str) -> None:
         if mode not in EXECUTIONS:
             raise ValueError(f"execution must be one of {EXECUTIONS}, got {mode!r}")
-        self._shared = self._share(mode)
+        self._execution = mode
 
 
 class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
@@ -92,8 +92,8 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
     Args:
         embed_dim: Total dimension of the model.
         num_heads: Number of parallel attention heads; ``embed_dim`` must be divisible by it.
-        seq_len: The longest query and key sequence the simulator is built for; shorter ones are padded
-            and masked.
+        seq_len: Optional: a sequence length planned ahead (query and key); any length runs, each new
+            one planned on first use.
         bias: If specified, adds bias to input / output projection layers. Default: ``True``.
         kdim, vdim: Total number of features for keys and values. Default: ``embed_dim``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
@@ -104,13 +104,15 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
     part at all, whatever it is.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, seq_len: int, bias: bool = True, kdim: int | None = None,
+    def __init__(self, embed_dim: int, num_heads: int, seq_len: int | None = None, bias: bool = True,
+                 kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None,
                  execution: str = "fast"):
         super().__init__()
         check_size("embed_dim", embed_dim)
         check_size("num_heads", num_heads)
-        check_size("seq_len", seq_len)
+        if seq_len is not None:
+            check_size("seq_len", seq_len)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         factory = {"device": device, "dtype": dtype}
@@ -139,17 +141,26 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
         if bias:
             nn.init.zeros_(self.out_proj.bias)
         self.execution = execution
+        if seq_len is not None:
+            self.plan(seq_len)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, seq_len={self.seq_len}"
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}" + \
+            (f", seq_len={self.seq_len}" if self.seq_len is not None else "")
 
-    def _share(self, mode: str) -> _Shared:  # the U for these sizes
+    def _share(self) -> _Shared:  # the one factored U
+        return _Shared(("factored",))
+
+    def plan(self, length: int, source: int | None = None) -> None:
+        """Plan the simulator for queries of ``length`` and keys of ``source`` (default: length)
+        ahead of the first call of that shape."""
         extra = int(self.has_bias)  # the homogeneous coordinate
-        return _Shared((self.seq_len, self.embed_dim + extra, self.num_heads, self.head_dim,
-                        self.kdim + extra, self.vdim + extra, mode))
+        source = length if source is None else source
+        self.simulator.plan(length, self.embed_dim + extra, self.num_heads, self.head_dim, source,
+                            self.kdim + extra, self.vdim + extra)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int, execution: str = "fast", *,
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int | None = None, execution: str = "fast", *,
                    share: bool = False) -> "SimulatedMultiheadAttention":
         """The drop-in for an existing ``nn.MultiheadAttention``: a copy of its weights (with their
         ``requires_grad``), or with ``share=True`` its very Parameters and ``out_proj`` module, so
@@ -227,9 +238,6 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
             return t[None] if unbatched else (t if self.batch_first else t.transpose(0, 1))
 
         x, k, v = batched(query), batched(key), batched(value)
-        if max(x.shape[1], k.shape[1]) > self.seq_len:
-            raise ValueError(f"sequence length {max(x.shape[1], k.shape[1])} exceeds the simulator's seq_len "
-                             f"{self.seq_len}")
         if k.shape[:2] != v.shape[:2] or k.shape[0] != x.shape[0]:
             raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not fit query {tuple(query.shape)}")
         mask = self._key_mask(key_padding_mask, k, unbatched)
@@ -247,7 +255,8 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
             scale = keep.to(x.dtype) / (1 - self.dropout) if self.dropout < 1 else torch.zeros_like(keep, dtype=x.dtype)
         out, weights = self.simulator.attention(x, wq, wk, wv, wo, key=None if self_attention else k,
                                                 value=None if self_attention else v, key_padding_mask=mask,
-                                                attn_mask=scores_mask, bo=bo, weight_scale=scale, finite=False)
+                                                attn_mask=scores_mask, bo=bo, weight_scale=scale, finite=False,
+                                                execution=self.execution)
         out = out[..., : self.embed_dim]
         if not self.batch_first and not unbatched:
             out = out.transpose(0, 1)
@@ -296,9 +305,11 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
         return bias + attn_mask.to(bias.dtype)
 
 
-def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+def simulate_attention(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
+                       execution: str = "fast") -> nn.Module:
     """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
-    ``SimulatedMultiheadAttention`` (U built for sequences up to ``seq_len``).
+    ``SimulatedMultiheadAttention`` (all computed by the one universal U; ``seq_len``, optional, is
+    planned ahead).
 
     A deep copy unless ``inplace``. Each drop-in holds the replaced module's own Parameters and
     ``out_proj``, so tied weights stay tied and frozen ones (``requires_grad=False``) stay frozen; a
@@ -313,7 +324,8 @@ def simulate_attention(model: nn.Module, seq_len: int, *, inplace: bool = False,
     traced) modules, which cannot be changed: simulate the eager model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_size("seq_len", seq_len)
+    if seq_len is not None:
+        check_size("seq_len", seq_len)
     found = list(model.named_modules())
     for path, module in found:
         if isinstance(module, torch.jit.ScriptModule):

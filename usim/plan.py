@@ -97,11 +97,12 @@ def _keep_best(pair_query, pair_key, score, queries: int):
 class Planner:
     """Plans the heads of one encoder (see the module docstring); ``plan(attn, head, queries)``."""
 
-    def __init__(self, encoder):
-        self.length = encoder.length
+    def __init__(self, encoder, frame=None):
+        frame = encoder if frame is None else frame  # the per-size facts (usim.engine.Frame)
+        self.length = frame.length
         self.static = static_slots(encoder)
-        self.positional = encoder.positional.cpu()  # (P, L) small integers, a row per positional slot
-        self.column = {int(s): i for i, s in enumerate(encoder.positional_slots.cpu())}
+        self.positional = frame.positional.cpu()  # (P, L) small integers, a row per positional slot
+        self.column = {int(s): i for i, s in enumerate(frame.positional_slots.cpu())}
         self.memo: dict = {}
 
     def values(self, slot: int, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -303,8 +304,9 @@ def _definition(w: torch.Tensor) -> bytes:
     return used.numpy().tobytes() + w[:, used].double().cpu().numpy().tobytes()
 
 
-def plan_encoder(encoder) -> list[list[HeadPlan] | None]:
-    """Per layer, the plan of each attention head at every query (None for a layer without attention)."""
-    planner = Planner(encoder)
+def plan_encoder(encoder, frame=None) -> list[list[HeadPlan] | None]:
+    """Per layer, the plan of each attention head at every query (None for a layer without attention),
+    at the sizes of ``frame`` (default: the encoder's own)."""
+    planner = Planner(encoder, frame)
     return [None if layer.attn is None else [planner.plan(layer.attn, h) for h in range(layer.attn.heads)]
             for layer in encoder.layers]

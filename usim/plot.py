@@ -204,6 +204,8 @@ def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0, 
         raise TypeError(f"usim.plot draws a usim construction (e.g. usim.MatMul(3, 3, 3)), "
                         f"got {type(module).__name__}")
     _matplotlib()
+    if module.universal:  # drawn at the sizes of its inputs (or small example sizes): the same weights
+        module = _sized(module, inputs, keywords)
     if isinstance(module, UniversalSimulator):
         if layers is not None:
             raise ValueError("layers= selects layers of an op figure; U's figure shows all of its layers")
@@ -211,6 +213,37 @@ def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0, 
             inputs, keywords = example_inputs(module, seed)
         return _u_figure(module, inputs, keywords, title)
     return _op_figure(module, inputs, keywords, _chosen_layers(module, layers), title, seed)
+
+
+def _sized(module, inputs, keywords):
+    """The sized construction of a universal one at the sizes of the inputs (default: small sizes);
+    its weights are the universal one's, bitwise."""
+    from usim.ops.simulator import UniversalSimulator
+
+    if not isinstance(module, UniversalSimulator):
+        raise ValueError(f"usim.plot draws a universal {module.kind} at fixed sizes: build it with sizes "
+                         f"(e.g. {module.kind}(n=3, ...)) and plot that")
+    form = module.form
+    if not inputs:
+        sizes = {"factored": dict(head_dim=2)}.get(form, {"av_ffn": dict(ffn_hidden=3)}.get(form, {}))
+        return UniversalSimulator(3, 3, **sizes, execution=module.execution)
+    x, first = inputs[0], inputs[1] if len(inputs) > 1 else None
+    if not isinstance(x, torch.Tensor) or not isinstance(first, torch.Tensor) or x.dim() < 2 or first.dim() < 2:
+        raise ValueError("usim.plot(U, x, *weights): x (..., n, d) and the weights must be tensors")
+    n, d = x.shape[-2:]
+    heads = first.shape[-3] if first.dim() > 2 else 1
+    if form == "factored":
+        key = keywords.get("key")
+        m = key.shape[-2] if isinstance(key, torch.Tensor) else n
+        return UniversalSimulator(n, d, heads, head_dim=first.shape[-1], kv_len=m,
+                                  kdim=key.shape[-1] if isinstance(key, torch.Tensor) else d,
+                                  vdim=keywords["value"].shape[-1] if isinstance(keywords.get("value"), torch.Tensor)
+                                  else key.shape[-1] if isinstance(key, torch.Tensor) else d,
+                                  execution=module.execution)
+    hidden = keywords["w1"].shape[-1] if form == "av_ffn" and isinstance(keywords.get("w1"), torch.Tensor) else None
+    if form == "av_ffn" and hidden is None:
+        raise ValueError("usim.plot(U, x, a, v, w1=..., w2=...): this U has an FFN sublayer")
+    return UniversalSimulator(n, d, heads, hidden, execution=module.execution)
 
 
 def _chosen_layers(module, layers) -> list[int]:

@@ -238,12 +238,12 @@ def _scored_tiers(attn, head: int, first: int) -> list:
     return tiers
 
 
-def _liveness(encoder, planner: Planner):
+def _liveness(encoder, planner: Planner, frame):
     """The backward pass: per layer (in order) what runs where, and the live entries."""
-    length = encoder.length
+    length = frame.length
     live = Liveness(length)
     value = encoder.slots.index("value")
-    readout = encoder.readout.cpu()
+    readout = frame.readout.cpu()
     passthrough = (readout == value) & ~written_slots(encoder)[value]  # the input token comes back
     out_pos = (~passthrough).nonzero()[:, 0]
     for s in readout[out_pos].unique():
@@ -341,10 +341,12 @@ def _ffn_step(ffn, positions, reads, writes, entries: Entries) -> FFNStep:
                    ffn.b_out[writes].double().cpu(), entries.offsets(writes, positions, reading=False).T)
 
 
-def compile_encoder(encoder) -> Program:
-    """The program of an encoder (see the module docstring), from its weights and positions."""
-    planner = Planner(encoder)
-    live, out_pos, needs = _liveness(encoder, planner)
+def compile_encoder(encoder, frame=None) -> Program:
+    """The program of an encoder (see the module docstring), from its weights and the positions of
+    ``frame`` (default: the encoder's own)."""
+    frame = encoder if frame is None else frame
+    planner = Planner(encoder, frame)
+    live, out_pos, needs = _liveness(encoder, planner, frame)
     planner.memo.clear()  # the sorted key codes are planning's alone: free them before the buffer layout
     entries = Entries(live, keep=3)
     static = static_slots(encoder)
@@ -366,7 +368,7 @@ def compile_encoder(encoder) -> Program:
             init[entries.base[s]: entries.base[s] + len(positions)] = planner.values(s, positions).double()
     value = encoder.slots.index("value")
     value_pos = entries.live_positions(value)
-    readout = encoder.readout.cpu()[out_pos]
+    readout = frame.readout.cpu()[out_pos]
     read = torch.full((len(out_pos),), entries.size, dtype=torch.long)
     for s in readout.unique().tolist():
         at = readout == s

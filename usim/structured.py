@@ -448,8 +448,8 @@ def _terms(row: torch.Tensor) -> list:
 class Planner:
     """Structured plans over an encoder's closed-form positions (see the module docstring)."""
 
-    def __init__(self, encoder):
-        self.positions = encoder.positions
+    def __init__(self, encoder, frame=None):
+        self.positions = (encoder if frame is None else frame).positions
         if not self.positions.closed_form:
             raise NotStructured("positional tables, not closed forms")
         self.shapes = self.positions.shapes
@@ -633,17 +633,19 @@ def _solve(targets: dict, rows: dict, cell: Cell, kcell: Cell):
 
 
 # --- compiling -----------------------------------------------------------------------------
-def compile_structured(encoder) -> Program:
-    """The structured program of an encoder; NotStructured when a selection is not affine."""
-    planner = Planner(encoder)
-    positions = encoder.positions
+def compile_structured(encoder, frame=None) -> Program:
+    """The structured program of an encoder at the sizes of ``frame`` (default: the encoder's own);
+    NotStructured when a selection is not affine."""
+    frame = encoder if frame is None else frame
+    planner = Planner(encoder, frame)
+    positions = frame.positions
     nblocks = len(positions.shapes)
     written = written_slots(encoder)
     value = encoder.slots.index("value")
-    if hasattr(encoder, "readout_blocks"):
-        readout = encoder.readout_blocks.tolist()
+    if hasattr(frame, "readout_blocks"):
+        readout = frame.readout_blocks.tolist()
     else:
-        tokens = encoder.readout.cpu()
+        tokens = frame.readout.cpu()
         readout = []
         for b in range(nblocks):
             part = tokens[positions.offsets[b]: positions.offsets[b + 1]]

@@ -37,15 +37,15 @@ _LAYERS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 
-def shared_layer(seq_len: int, d_model: int, heads: int, hidden: int, activation: str, norm_first: bool,
-                 eps: float, execution: str) -> EncoderLayerSimulator:
-    """The layer encoder of these sizes, built on first use and kept while a drop-in holds it."""
-    key = (seq_len, d_model, heads, hidden, activation, norm_first, eps, execution)
+def shared_layer(activation: str, norm_first: bool) -> EncoderLayerSimulator:
+    """The one universal layer encoder of this form (activation, norm placement), built on first use
+    and kept while a drop-in holds it: every size and eps runs on it."""
+    key = (activation, norm_first)
     with _LOCK:
         simulator = _LAYERS.get(key)
-        if simulator is None:
-            simulator = EncoderLayerSimulator(seq_len, d_model, heads, hidden, activation, norm_first, eps,
-                                              execution=execution)
+        if simulator is None:  # built out of inference mode: drop-ins that train share it too
+            with torch.inference_mode(False):
+                simulator = EncoderLayerSimulator(activation=activation, norm_first=norm_first)
             _LAYERS[key] = simulator
         return simulator
 
@@ -64,20 +64,24 @@ def activation_name(activation) -> str:
 
 class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
     r"""An encoder layer with the signature of :class:`torch.nn.TransformerEncoderLayer`, computed by
-    one constructed encoder (``usim.ops.layer``), for sequences of at most ``seq_len`` tokens.
+    one constructed encoder (``usim.ops.layer``): the one universal encoder of its form (activation,
+    norm placement), shared by every drop-in, for sequences of any length.
 
-    Same arguments as ``nn.TransformerEncoderLayer`` (plus ``seq_len`` and ``execution``). Dropout is
+    Same arguments as ``nn.TransformerEncoderLayer`` (plus ``seq_len``, optional: a length planned
+    ahead, and ``execution``). Dropout is
     applied only in training mode and is not simulated: a training-mode forward with a dropout
     probability above 0 raises ValueError (call ``.eval()`` or use ``dropout=0``).
     """
 
-    def __init__(self, d_model: int, nhead: int, seq_len: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+    def __init__(self, d_model: int, nhead: int, seq_len: int | None = None, dim_feedforward: int = 2048,
+                 dropout: float = 0.1,
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
                  bias: bool = True, device=None, dtype=None, execution: str = "fast"):
         super().__init__()
         check_size("d_model", d_model)
         check_size("nhead", nhead)
-        check_size("seq_len", seq_len)
+        if seq_len is not None:
+            check_size("seq_len", seq_len)
         check_size("dim_feedforward", dim_feedforward)
         if d_model % nhead:
             raise ValueError(f"d_model {d_model} must be divisible by nhead {nhead}")
@@ -97,6 +101,8 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
             else activation
         self.seq_len, self._eps = seq_len, float(layer_norm_eps)
         self.execution = execution
+        if seq_len is not None:
+            self.simulator.plan(seq_len, d_model, nhead, dim_feedforward)
 
     @property
     def batch_first(self) -> bool:
@@ -106,13 +112,11 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
         return (f"seq_len={self.seq_len}, activation={self._activation}, norm_first={self.norm_first}, "
                 f"eps={self.norm1.eps}")
 
-    def _share(self, mode: str) -> _Shared:  # the layer encoder for these sizes
-        return _Shared((self.seq_len, self.self_attn.embed_dim, self.self_attn.num_heads,
-                        self.linear1.out_features, self._activation, bool(self.norm_first), self._eps, mode),
-                       shared_layer)
+    def _share(self) -> _Shared:  # the layer encoder of this form
+        return _Shared((self._activation, bool(self.norm_first)), shared_layer)
 
     @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int,
+    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int | None = None,
                    execution: str = "fast") -> "SimulatedTransformerEncoderLayer":
         """The drop-in with the weights, options and mode of an ``nn.TransformerEncoderLayer``."""
         if not isinstance(layer, nn.TransformerEncoderLayer):
@@ -169,10 +173,9 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.TransformerEncoderLayer).")
         unbatched = src.dim() == 2
         x = src[None] if unbatched else (src if self.batch_first else src.transpose(0, 1))
-        if x.shape[1] > self.seq_len:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds the simulator's seq_len {self.seq_len}")
         mask = additive_mask(src_mask, src_key_padding_mask, x, self.self_attn.num_heads, unbatched)
-        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask)
+        out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask, eps=self._eps,
+                             execution=self.execution)
         return out[0] if unbatched else (out if self.batch_first else out.transpose(0, 1))
 
 
@@ -224,15 +227,16 @@ def additive_mask(src_mask, key_padding_mask, x: torch.Tensor, heads: int, unbat
     return total.expand(batch, heads, length, length) if total is not None and total.dim() == 4 else total
 
 
-def simulate_layers(model: nn.Module, seq_len: int, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
     """The model with every ``nn.TransformerEncoderLayer`` replaced by the equivalent
-    ``SimulatedTransformerEncoderLayer`` (same weights, built for sequences up to ``seq_len``).
+    ``SimulatedTransformerEncoderLayer`` (same weights; ``seq_len``, optional, is planned ahead).
 
     A deep copy unless ``inplace``. ``nn.TransformerEncoder``'s nested-tensor path is switched off
     (it would bypass the layers). ValueError if the model holds no such layer."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_size("seq_len", seq_len)
+    if seq_len is not None:
+        check_size("seq_len", seq_len)
     if isinstance(model, nn.TransformerEncoderLayer):
         return SimulatedTransformerEncoderLayer.from_torch(model, seq_len, execution=execution)
     if not any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):

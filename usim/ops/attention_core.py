@@ -54,48 +54,89 @@ def _core_pipeline(n: int, m: int, heads: int, kv_heads: int, r: int) -> Pipelin
     return pipe
 
 
+def _builder(sizes: tuple):
+    """(Builder, Layout) of the core at (n, m, heads, kv_heads, head_dim), result slots set."""
+    n, m, heads, kv_heads, r = sizes
+    pipe = _core_pipeline(n, m, heads, kv_heads, r)
+    b, layout = pipe.build()
+    for h in range(heads):
+        b.result(f"o{h}", pipe.home[f"o{h}"])
+        b.result(f"w{h}", pipe.home[f"w{h}"])
+    return b, layout
+
+
 @register
 class AttentionCore(Construction):
     """attention(query (..., H, n, r), key, value (..., G, m, r), scaling, ignore, bias, weight_scale)
     -> (output (..., H, n, r), weights (..., H, n, m)), for at most n queries, m keys and head_dim r.
 
-    Smaller problems are padded (universality by padding): padded keys are ignored, padded query
-    rows and head features dropped. Non-finite inputs are not checked: they propagate as in eager
+    ``AttentionCore()`` (no sizes) runs every size: n, m, H, G and r are read off the inputs and the
+    layout of each call shape is built once, over the same weights (those of every sized core,
+    bitwise). A sized core pads smaller problems (universality by padding): padded keys are ignored,
+    padded query rows and head features dropped. Non-finite inputs are not checked: they propagate as in eager
     attention (a NaN score makes its row NaN; a row whose every kept score is -inf gives NaN). An
     ignore flag subtracts 1e30 (usim.ops.softmax.MASKED) from its score before exp, so a row whose
     kept scores all lie below about -1e30 is out of range (hf.py never makes one).
     """
 
-    def __init__(self, n: int, m: int, heads: int = 1, head_dim: int = 1, kv_heads: int | None = None, *,
-                 execution: str = "fast"):
+    def __init__(self, n: int | None = None, m: int | None = None, heads: int | None = None,
+                 head_dim: int | None = None, kv_heads: int | None = None, *, execution: str = "fast"):
+        if n is None and m is None:
+            given = {k: v for k, v in (("heads", heads), ("head_dim", head_dim), ("kv_heads", kv_heads)) if v is not None}
+            if given:
+                raise ValueError(f"a universal AttentionCore (no n, m) reads its sizes off the inputs; got {given}")
+            b, layout = _builder((1, 1, 1, 1, 1))
+            super().__init__(b.build(), layout, {}, execution=execution)
+            return
+        if n is None or m is None:
+            raise ValueError(f"give both n and m (a core of fixed sizes) or neither (a universal core), got n={n}, m={m}")
+        heads = 1 if heads is None else heads
+        head_dim = 1 if head_dim is None else head_dim
         for name, value in (("n", n), ("m", m), ("heads", heads), ("head_dim", head_dim)):
             check_size(name, value)
         kv_heads = heads if kv_heads is None else check_size("kv_heads", kv_heads)
         if heads % kv_heads:
             raise ValueError(f"heads {heads} must be a multiple of kv_heads {kv_heads}")
-        pipe = _core_pipeline(n, m, heads, kv_heads, head_dim)
-        b, layout = pipe.build()
-        for h in range(heads):
-            b.result(f"o{h}", pipe.home[f"o{h}"])
-            b.result(f"w{h}", pipe.home[f"w{h}"])
+        b, layout = _builder((n, m, heads, kv_heads, head_dim))
         super().__init__(b.build(), layout, {"n": n, "m": m, "heads": heads, "head_dim": head_dim,
                                              "kv_heads": kv_heads}, execution=execution)
+
+    @property
+    def universal(self) -> bool:
+        return "n" not in self.args
+
+    def plan(self, n: int, m: int, heads: int, kv_heads: int, head_dim: int) -> None:
+        """Build the layout, frame and structured program of one call shape ahead of its first call."""
+        at = self.frame_for((n, m, heads, kv_heads, head_dim), lambda: _builder((n, m, heads, kv_heads, head_dim)))
+        if self.encoder.execution == "fast":
+            self.encoder.program(torch.float32, None, at[1])
 
     def forward(self, query, key, value, **options):
         return self.attention(query, key, value, **options)[0]
 
-    def attention(self, query, key, value, scaling=None, ignore=None, bias=None, weight_scale=None):
+    def attention(self, query, key, value, scaling=None, ignore=None, bias=None, weight_scale=None,
+                  execution: str | None = None):
         """``scaling``: a number or a tensor (..., H or 1, n_in, 1) of factors per row (default
         1 / sqrt(head_dim of the inputs)); ``ignore``: bool, True leaves a score out; ``bias``: added
         to the scaled scores; ``weight_scale``: multiplies the softmax weights (and the returned
         weights); each (..., H or 1, n_in, m_in) or broadcastable."""
-        n, m, heads, kv_heads, r = (self.args[k] for k in ("n", "m", "heads", "kv_heads", "head_dim"))
         for name, t in (("query", query), ("key", key), ("value", value)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() < 3:
                 raise ValueError(f"{name} must be (..., heads, length, head_dim), got shape {tuple(t.shape)}")
         (h_in, n_in, r_in), (g_in, m_in, rk) = query.shape[-3:], key.shape[-3:]
+        at = None
+        if self.universal:  # this call's sizes (no keys or queries: one ignored key, one dropped query)
+            n, m, heads, kv_heads, r = max(n_in, 1), max(m_in, 1), h_in, g_in, r_in
+            for name, size in (("query length", n), ("heads", heads), ("kv_heads", kv_heads), ("head_dim", r)):
+                check_size(name, size)
+            if heads % kv_heads:
+                raise ValueError(f"query heads {heads} must be a multiple of key/value heads {kv_heads}")
+            sizes = (n, m, heads, kv_heads, r)
+            at = self.frame_for(sizes, lambda: _builder(sizes))
+        else:
+            n, m, heads, kv_heads, r = (self.args[k] for k in ("n", "m", "heads", "kv_heads", "head_dim"))
         if h_in != heads or g_in != kv_heads or value.shape[-3:] != key.shape[-3:] or rk != r_in:
             raise ValueError(f"this {self.title} takes query (..., {heads}, n, r) and key, value (..., {kv_heads}, "
                              f"m, r); got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
@@ -131,7 +172,8 @@ class AttentionCore(Construction):
                               F.pad(t, (0, r - r_in, 0, rows - t.shape[-2])).unbind(-3)))
         for name, t in (("scaling", scaling), ("ignore", ignore.to(dtype)), ("bias", bias), ("scale", scale)):
             arrays.update(zip((f"{name}{h}" for h in range(heads)), t.unbind(-3)))
-        results = self.run(*(arrays[blk.name] for blk in self.layout.inputs), finite=False)
+        layout = self.layout if at is None else at[0]
+        results = self.run(*(arrays[blk.name] for blk in layout.inputs), finite=False, at=at, execution=execution)
         out = torch.stack(results[:heads], dim=-3)[..., :n_in, :r_in]  # the outputs o0.., then w0..
         weights = torch.stack(results[heads:], dim=-3)[..., :n_in, :m_in]
         return out, weights

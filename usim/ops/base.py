@@ -3,6 +3,12 @@
 An operation's ``__init__`` only builds weights (through ``usim.construct.Builder``); its forward
 is pack -> ``Encoder`` -> unpack, plus input checks. ``usim.load`` rebuilds an operation from its
 checkpoint with ``from_parts``, without running the constructor again.
+
+A *universal* construction (U, the attention core and the layers built without sizes) holds one
+encoder whose weights serve every size of its form. Per call shape it builds, once, the layout and
+the ``usim.engine.Frame`` (positional features and readout) of that shape: ``frames`` maps the
+shape's sizes to them (the oldest dropped past ``engine.FRAMES_CACHED``). Its ``layout`` is the
+layout of the smallest size (all sizes 1), which its encoder was built at, for inspection.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import torch
 from torch import nn
 
 from usim import engine
-from usim.engine import Encoder
+from usim.engine import Encoder, Frame
 from usim.layout import Layout, tensor_problem
 
 # kind name -> class, filled by ``register``; used by usim.load.
@@ -42,6 +48,27 @@ class Construction(nn.Module):
         self.layout = layout
         self.args = dict(args)
         self.execution = execution
+        self.frames: dict = {}  # sizes -> (Layout, Frame): a universal construction's call shapes
+
+    @property
+    def universal(self) -> bool:
+        """Whether this construction runs every size (built without sizes)."""
+        return False
+
+    def frame_for(self, sizes: tuple, build) -> tuple[Layout, Frame]:
+        """The layout and frame of one call shape: ``build()`` gives the (Builder, Layout) of the
+        construction at these sizes (results set); its weights are never built, only its positions
+        and readout (the encoder's weights are the same for every size)."""
+        found = self.frames.get(sizes)
+        if found is None:
+            b, layout = build()
+            if b.slots != self.encoder.slots or len(b.layers) != self.encoder.depth:
+                raise RuntimeError(f"{self.title}: the construction at sizes {sizes} has other slots or layers "
+                                   "than its universal encoder")
+            while len(self.frames) >= engine.FRAMES_CACHED:
+                del self.frames[next(iter(self.frames))]
+            found = self.frames[sizes] = (layout, b.frame())
+        return found
 
     @classmethod
     def from_parts(cls, encoder: Encoder, layout: Layout, args: dict, execution: str = "fast"):
@@ -72,38 +99,42 @@ class Construction(nn.Module):
         """Most heads in one layer."""
         return self.encoder.width
 
-    def run(self, *arrays: torch.Tensor, finite: bool = True):
-        """pack -> encoder -> unpack, with the batch shape of the inputs restored."""
-        batch_shape = self.layout.batch_shape(*arrays)
+    def run(self, *arrays: torch.Tensor, finite: bool = True, at: tuple | None = None,
+            execution: str | None = None):
+        """pack -> encoder -> unpack, with the batch shape of the inputs restored. ``at``: the (Layout,
+        Frame) of a call shape (``frame_for``; default: this construction's own); ``execution``:
+        this call's (default: the encoder's)."""
+        layout, frame = (self.layout, None) if at is None else at
+        batch_shape = layout.batch_shape(*arrays)
         if finite:
-            for block, a in zip(self.layout.inputs, arrays):
+            for block, a in zip(layout.inputs, arrays):
                 if not torch.isfinite(a).all():
                     raise ValueError(f"block {block.name!r}: input has NaN or infinite values")
         if torch.is_inference_mode_enabled():
             # Out of inference mode (autograd off): the plans, programs and caches built on this call are
             # ordinary tensors, so the module (or another sharing its encoder) can be trained later.
             with torch.inference_mode(False), torch.no_grad():
-                return self._run(arrays, batch_shape)
-        return self._run(arrays, batch_shape)
+                return self._run(arrays, batch_shape, layout, frame, execution)
+        return self._run(arrays, batch_shape, layout, frame, execution)
 
-    def _run(self, arrays, batch_shape):
+    def _run(self, arrays, batch_shape, layout, frame, execution):
         dtype = arrays[0].dtype if arrays else torch.float64
         device = arrays[0].device if arrays else None
-        program = self.encoder.structured(dtype, device)
+        program = self.encoder.structured(dtype, device, frame, execution)
         if program is None:
-            return self.layout.unpack(self.encoder(self.layout.pack(*arrays)), batch_shape)
+            return layout.unpack(self.encoder(layout.pack(*arrays), frame, execution), batch_shape)
         # The structured program reads the input blocks and returns the output blocks: the token
         # sequence (inputs, zeros elsewhere) is never packed whole.
-        index = {b.name: i for i, b in enumerate(self.layout.blocks)}
+        index = {b.name: i for i, b in enumerate(layout.blocks)}
         inputs = {index[b.name]: _batch_first(a.expand(*batch_shape, *b.shape), len(b.shape))
-                  for b, a in zip(self.layout.inputs, arrays)}
-        wanted = [index[b.name] for b in self.layout.outputs]
+                  for b, a in zip(layout.inputs, arrays)}
+        wanted = [index[b.name] for b in layout.outputs]
         batch = next(iter(inputs.values())).shape[0]
         rows = max(1, engine.CHUNK // program.size)  # the memory budget: see usim.engine.CHUNK
         parts = [program.forward({i: t[start: start + rows] for i, t in inputs.items()}, wanted)
                  for start in range(0, max(batch, 1), rows)]  # an empty batch runs once, empty
         results = [(torch.cat([p[index[b.name]] for p in parts]) if len(parts) > 1 else parts[0][index[b.name]])
-                   .reshape(*batch_shape, *b.shape) for b in self.layout.outputs]
+                   .reshape(*batch_shape, *b.shape) for b in layout.outputs]
         return results[0] if len(results) == 1 else tuple(results)
 
     def check_matrices(self, **tensors) -> None:
@@ -127,11 +158,12 @@ class Construction(nn.Module):
         return describe(self.encoder, title=self.title)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.args.items()) + f", depth={self.depth}, width={self.width}"
+        return ", ".join([f"{k}={v}" for k, v in self.args.items()] + [f"depth={self.depth}", f"width={self.width}"])
 
     def __repr__(self) -> str:
         """One line, like nn.MultiheadAttention's: sizes, depth, heads per layer (``describe()`` for more)."""
-        return f"{self.kind}({self.extra_repr()}, tokens={self.encoder.length}, slots={self.encoder.stream_width})"
+        tokens = "any" if self.universal else self.encoder.length
+        return f"{self.kind}({self.extra_repr()}, tokens={tokens}, slots={self.encoder.stream_width})"
 
 
 def _batch_first(a: torch.Tensor, block_dims: int) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _weight_blocks(d: int, heads: int, r: int, hidden: int, prefix: str) -> dict
 
 
 def layer_stages(pipe: Pipeline, x: str, y: str, heads: int, r: int, hidden: int, activation: str,
-                 norm_first: bool, eps: float, prefix: str = "") -> None:
+                 norm_first: bool, eps: str = "eps", prefix: str = "") -> None:
     """Append one encoder layer's stages (the module docstring) from block x to block y; the weight
     inputs are named as in ``_weight_blocks`` with the same prefix, which also starts the names of
     the stages and of their blocks."""
@@ -97,8 +97,8 @@ def layer_stages(pipe: Pipeline, x: str, y: str, heads: int, r: int, hidden: int
         pipe.layernorm(ln2, g, y, f"{prefix}gamma2", f"{prefix}beta2", eps)
 
 
-def _stack_pipeline(n: int, d: int, heads: int, hidden: int, layers: int, activation: str, norm_first: bool,
-                    eps: float) -> Pipeline:
+def _stack_pipeline(n: int, d: int, heads: int, hidden: int, layers: int, activation: str,
+                    norm_first: bool) -> Pipeline:
     """x -> layer 0 -> ... -> layer (layers - 1) -> y; layer i's blocks, stages and weights are
     prefixed "L{i}." when there is more than one; one, the masks and the multipliers are shared."""
     r = d // heads
@@ -106,55 +106,101 @@ def _stack_pipeline(n: int, d: int, heads: int, hidden: int, layers: int, activa
     inputs = {"x": (n, d)}
     for prefix in prefixes:
         inputs.update(_weight_blocks(d, heads, r, hidden, prefix))
-    inputs.update({"one": (1,), **{f"{name}{h}": (n, n) for name in ("ignore", "bias", "scale") for h in range(heads)}})
+    inputs.update({"one": (1,), "eps": (1,), **{f"{name}{h}": (n, n) for name in ("ignore", "bias", "scale") for h in range(heads)}})
     pipe = Pipeline(inputs, {"y": (n, d)})
     x = "x"
     for i, prefix in enumerate(prefixes):
         y = "y" if i == layers - 1 else pipe.block(f"{prefix}y", (n, d))
-        layer_stages(pipe, x, y, heads, r, hidden, activation, norm_first, eps, prefix)
+        layer_stages(pipe, x, y, heads, r, hidden, activation, norm_first, "eps", prefix)
         x = y
     return pipe
+
+
+def _builder(sizes: tuple, layers: int, activation: str, norm_first: bool):
+    """(Builder, Layout) of the layers at sizes (n, d, heads, ffn_hidden), result slot set."""
+    pipe = _stack_pipeline(*sizes, layers, activation, norm_first)
+    b, layout = pipe.build()
+    b.result("y", pipe.home["y"])
+    return b, layout
 
 
 class _Stack(Construction):
     """The shared body of EncoderLayerSimulator and EncoderStackSimulator."""
 
     def _build(self, n, d, heads, ffn_hidden, layers, activation, norm_first, eps, execution):
-        for name, value in (("n", n), ("d", d), ("heads", heads), ("ffn_hidden", ffn_hidden), ("layers", layers)):
-            check_size(name, value)
-        if d % heads:
-            raise ValueError(f"d {d} must be divisible by heads {heads}")
         if activation not in LAYER_ACTIVATIONS:
             raise ValueError(f"activation must be one of {LAYER_ACTIVATIONS}, got {activation!r}")
         if not isinstance(norm_first, bool):
             raise TypeError(f"norm_first must be a bool, got {type(norm_first).__name__}")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
-            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
-        pipe = _stack_pipeline(n, d, heads, ffn_hidden, layers, activation, norm_first, float(eps))
-        b, layout = pipe.build()
-        b.result("y", pipe.home["y"])
-        args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden, **({"layers": layers} if layers > 1 else {}),
-                "activation": activation, "norm_first": norm_first, "eps": float(eps)}
+        _check_eps(eps)
+        form = {**({"layers": layers} if layers > 1 else {}), "activation": activation, "norm_first": norm_first}
+        if n is None and d is None:  # universal: every size (and eps) of the form
+            given = {k: v for k, v in (("heads", heads), ("ffn_hidden", ffn_hidden)) if v is not None}
+            if given:
+                raise ValueError(f"a universal {type(self).__name__} (no n, d) reads its sizes off the inputs; "
+                                 f"got {given}")
+            b, layout = _builder((1, 1, 1, 1), layers, activation, norm_first)
+            Construction.__init__(self, b.build(), layout, {**form, "eps": float(eps)}, execution=execution)
+            return
+        for name, value in (("n", n), ("d", d), ("heads", heads), ("ffn_hidden", ffn_hidden), ("layers", layers)):
+            check_size(name, value)
+        if d % heads:
+            raise ValueError(f"d {d} must be divisible by heads {heads}")
+        b, layout = _builder((n, d, heads, ffn_hidden), layers, activation, norm_first)
+        args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden, **form, "eps": float(eps)}
         Construction.__init__(self, b.build(), layout, args, execution=execution)
 
     @property
-    def n(self) -> int:
-        return self.args["n"]
+    def universal(self) -> bool:
+        return "n" not in self.args
+
+    def plan(self, n: int, d: int, heads: int, ffn_hidden: int) -> None:
+        """Build the layout, frame and structured program of one call shape ahead of its first call
+        (a universal simulator)."""
+        if not self.universal:
+            return
+        sizes, form = (n, d, heads, ffn_hidden), (self.args.get("layers", 1), self.args["activation"],
+                                                  self.args["norm_first"])
+        at = self.frame_for(sizes, lambda: _builder(sizes, *form))
+        if self.encoder.execution == "fast":
+            self.encoder.program(torch.float32, None, at[1])
 
     @property
-    def d(self) -> int:
-        return self.args["d"]
+    def n(self) -> int | None:
+        return self.args.get("n")
 
     @property
-    def heads(self) -> int:
-        return self.args["heads"]
+    def d(self) -> int | None:
+        return self.args.get("d")
 
-    def _run_layers(self, x, per_layer: list, key_padding_mask, attn_mask):
+    @property
+    def heads(self) -> int | None:
+        return self.args.get("heads")
+
+    def _run_layers(self, x, per_layer: list, key_padding_mask, attn_mask, eps=None, execution=None):
         """per_layer: one sequence of the 16 weights (``WEIGHTS``) per layer."""
-        n, d, heads = self.n, self.d, self.heads
-        shapes = _shapes(d, heads, d // heads, self.args["ffn_hidden"])
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        at = None
+        if self.universal:  # this call's sizes, read off x, wq and w1 of the first layer
+            weights = per_layer[0] if per_layer else ()
+            if x.dim() < 2 or len(weights) != len(WEIGHTS) or not all(isinstance(t, torch.Tensor) for t in weights[:11]):
+                raise TypeError(f"{self.title} takes x (..., n, d) and {', '.join(WEIGHTS)} per layer")
+            wq, w1 = weights[0], weights[10]
+            if wq.dim() < 3 or w1.dim() < 2:
+                raise ValueError(f"wq must be (..., heads, d, r) and w1 (..., d, ffn_hidden), got {tuple(wq.shape)} "
+                                 f"and {tuple(w1.shape)}")
+            n, d, heads, hidden = x.shape[-2], x.shape[-1], wq.shape[-3], w1.shape[-1]
+            for name, size in (("n", n), ("d", d), ("heads", heads), ("ffn_hidden", hidden)):
+                check_size(name, size)
+            if d % heads:
+                raise ValueError(f"d {d} must be divisible by heads {heads}")
+            sizes = (n, d, heads, hidden)
+            layers, activation, norm_first = len(per_layer), self.args["activation"], self.args["norm_first"]
+            at = self.frame_for(sizes, lambda: _builder(sizes, layers, activation, norm_first))
+        else:
+            n, d, heads, hidden = self.n, self.d, self.heads, self.args["ffn_hidden"]
+        shapes = _shapes(d, heads, d // heads, hidden)
         if x.dim() < 2 or x.shape[-1] != d or x.shape[-2] > n:
             raise ValueError(f"x must be (..., n_in <= {n}, {d}), got {tuple(x.shape)}")
         named = {"x": F.pad(x, (0, 0, 0, n - x.shape[-2]))}
@@ -177,9 +223,18 @@ class _Stack(Construction):
         n_in = x.shape[-2]
         ignore, bias = score_masks(x, heads, n, n, key_padding_mask, attn_mask, n_in, n_in)
         named["one"] = torch.ones(1, dtype=x.dtype, device=x.device)
+        eps = _check_eps(self.args["eps"] if eps is None else eps)
+        named["eps"] = torch.full((1,), eps, dtype=x.dtype, device=x.device)
         for name, t in (("ignore", ignore), ("bias", bias), ("scale", torch.ones_like(ignore))):
             named.update({f"{name}{h}": part for h, part in enumerate(t.unbind(-3))})
-        return self.run(*(named[block.name] for block in self.layout.inputs))[..., :n_in, :]
+        layout = self.layout if at is None else at[0]
+        return self.run(*(named[block.name] for block in layout.inputs), at=at, execution=execution)[..., :n_in, :]
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < float("inf"):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    return float(eps)
 
 
 @register
@@ -195,12 +250,13 @@ class EncoderLayerSimulator(_Stack):
     n_in, n_in), bool (True = left out) or float (added to the scores, -inf = left out).
     """
 
-    def __init__(self, n: int, d: int, heads: int, ffn_hidden: int, activation: str = "relu",
-                 norm_first: bool = False, eps: float = 1e-5, *, execution: str = "fast"):
+    def __init__(self, n: int | None = None, d: int | None = None, heads: int | None = None,
+                 ffn_hidden: int | None = None, activation: str = "relu", norm_first: bool = False,
+                 eps: float = 1e-5, *, execution: str = "fast"):
         self._build(n, d, heads, ffn_hidden, 1, activation, norm_first, eps, execution)
 
-    def forward(self, x, *weights, key_padding_mask=None, attn_mask=None):
-        return self._run_layers(x, [weights], key_padding_mask, attn_mask)
+    def forward(self, x, *weights, key_padding_mask=None, attn_mask=None, eps=None, execution=None):
+        return self._run_layers(x, [weights], key_padding_mask, attn_mask, eps, execution)
 
 
 @register
@@ -210,12 +266,13 @@ class EncoderStackSimulator(_Stack):
     (the 16 arrays of ``EncoderLayerSimulator.forward``); the masks hold for every layer. Layer i's
     blocks and stages are named "L{i}.*"; the output of one is the next one's input block."""
 
-    def __init__(self, n: int, d: int, heads: int, ffn_hidden: int, layers: int, activation: str = "relu",
-                 norm_first: bool = False, eps: float = 1e-5, *, execution: str = "fast"):
+    def __init__(self, n: int | None = None, d: int | None = None, heads: int | None = None,
+                 ffn_hidden: int | None = None, layers: int = 2, activation: str = "relu", norm_first: bool = False,
+                 eps: float = 1e-5, *, execution: str = "fast"):
         check_size("layers", layers, minimum=2)
         self._build(n, d, heads, ffn_hidden, layers, activation, norm_first, eps, execution)
 
-    def forward(self, x, per_layer, key_padding_mask=None, attn_mask=None):
+    def forward(self, x, per_layer, key_padding_mask=None, attn_mask=None, eps=None, execution=None):
         if len(per_layer) != self.args["layers"]:
             raise ValueError(f"{self.title} takes weights for {self.args['layers']} layers, got {len(per_layer)}")
-        return self._run_layers(x, list(per_layer), key_padding_mask, attn_mask)
+        return self._run_layers(x, list(per_layer), key_padding_mask, attn_mask, eps, execution)

@@ -156,10 +156,11 @@ class Pipeline:
             self.home[b] = result
         return result
 
-    def layernorm(self, tag: str, block: str, out: str, gamma: str, beta: str, eps: float) -> str:
+    def layernorm(self, tag: str, block: str, out: str, gamma: str, beta: str, eps: str) -> str:
         """out = LayerNorm of each row of ``block`` (its home slot), as torch's: (z - mean) / sqrt(var +
-        eps) * gamma + beta with the biased variance; gamma and beta are input vectors (E,), eps > 0 a
-        constant of the construction. ``out`` is a new block of block's shape; returns its slot."""
+        eps) * gamma + beta with the biased variance; gamma and beta are input vectors (E,), ``eps``
+        names an input block (1,) holding eps (an input, never a weight: one set of weights serves
+        every eps). ``out`` is a new block of block's shape; returns its slot."""
         shape = self.shape(block)
         if len(shape) != 2 or self.shape(out) != shape:
             raise ValueError(f"layernorm {tag!r}: {block!r} {shape} and {out!r} {self.shape(out)} must be matrices "
@@ -168,11 +169,11 @@ class Pipeline:
             if name not in self.inputs or self.shape(name) != shape[1:]:
                 raise ValueError(f"layernorm {tag!r}: {name!r} must be an input vector ({shape[1]},), "
                                  f"got {self.shape(name)}")
-        if not (isinstance(eps, (int, float)) and eps > 0 and eps < float("inf")):
-            raise ValueError(f"layernorm {tag!r}: eps must be a positive finite number, got {eps!r}")
+        if not isinstance(eps, str) or eps not in self.inputs or self.shape(eps) != (1,):
+            raise ValueError(f"layernorm {tag!r}: eps must name an input block of shape (1,), got {eps!r}")
         self.home_at(block, tag)  # computed before it is read
         self._check_new(tag, out)
-        self.stages.append(("layernorm", tag, (block, out, gamma, beta), float(eps)))
+        self.stages.append(("layernorm", tag, (block, out, gamma, beta), eps))
         self.home[out] = f"{tag}out"
         return f"{tag}out"
 
@@ -262,6 +263,25 @@ class Pipeline:
                                    ("fb.row", (0, (0, 0))), ("fb.col", (0, (0, 1))),
                                    ("lb.block", (index[beta], (0, 0)))):
                     addresses[name][at] = form
+        # the sizes the FFNs scale by, as positional features (never weights): ``terms`` = the term
+        # count T at each matmul output token (its reduce head's mean times T is the sum), ``keys`` =
+        # the row length m at each softmax token (1 elsewhere, so 1 / (keys * mean) stays finite)
+        counts = {"terms": {}, "keys": {}}
+        for kind, tag, items, _ in self.stages:
+            if kind == "matmul":
+                for p in items:
+                    counts["terms"][index[p.out]] = (max(q.terms for q in items), (0, 0))
+            elif kind == "softmax":
+                for blk in items:
+                    counts["keys"][index[blk]] = (self.shape(blk)[-1], (0, 0))
+        for name, per_block in counts.items():
+            if per_block or name == "terms":
+                default = (1, None) if name == "keys" else None
+                b.positional_affine(name, lambda blk, i, per_block=per_block, default=default:
+                                    _form(per_block.get(i), blk.shape, default))
+        epsilons = sorted({eps for kind, _, _, eps in self.stages if kind == "layernorm"})
+        for eps in epsilons:  # every token fetches eps (rsqrt(var + eps) stays finite everywhere)
+            b.positional_affine(f"ep.{eps}", lambda blk, i, at=index[eps]: (at, (0,) * len(blk.shape)))
         for name, per_block in addresses.items():
             default = (null, None) if name.endswith(".block") else None
             b.positional_affine(name, lambda blk, i, per_block=per_block, default=default:
@@ -301,10 +321,9 @@ class Pipeline:
                     heads.append(self._drop_head(b, index))
                 first = False
                 b.layer(heads, FFN("bilinear", [Unit(a, term, gate=c)]))
-                terms = max(p.terms for p in items)
                 reduce = Head([match({name: f"rd.{name}" for name in ADDRESS})], [(term, mean)],
                               name=f"{tag}sum", average=True)
-                heads, total = [reduce], {mean: float(terms)}
+                heads, units = [reduce], [Unit(mean, out, gate="terms")]  # the sum: T * the mean
                 addends = sorted({self.home_at(p.addend, tag) for p in items if p.addend is not None})
                 if addends:  # out = act(T * mean + addend)
                     if not self.mixable(addends):
@@ -313,8 +332,13 @@ class Pipeline:
                     heads += [Head([match({name: f"ad.{name}" for name in ADDRESS})], [(src, add)],
                                    name=f"{tag}addend" + (f" from {src}" if len(addends) > 1 else ""))
                               for src in addends]
-                    total[add] = 1.0
-                b.layer(heads, FFN(option, [Unit(total, out)]))
+                    units.append(Unit(add, out, gate=ONE))
+                if option == "identity":
+                    b.layer(heads, FFN("bilinear", units))
+                else:  # out = act(T * mean + addend): the sum first, then the activation
+                    pre = b.slot(f"{tag}pre")
+                    b.layer(heads, FFN("bilinear", [Unit(u.inp, pre, gate=u.gate) for u in units]))
+                    b.layer(ffn=FFN(option, [Unit(pre, out)]))
             elif kind == "layernorm":
                 self._layernorm_layers(b, tag, *items, eps=option)
             else:
@@ -339,8 +363,7 @@ class Pipeline:
         src = self.home_at(blocks[0], tag)
         if any(self.home_at(blk, tag) != src for blk in blocks):
             raise ValueError(f"softmax {tag!r}: every block must live in one slot")
-        m = self.shape(blocks[0])[-1]
-        top, e, mean, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "r", "p"))
+        top, e, mean, total, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "total", "r", "p"))
         row = match({"block": "block", "row": "row"})
         heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top)], name=f"{tag}max")]
         if keep is None:
@@ -352,32 +375,36 @@ class Pipeline:
             b.layer(heads, FFN("relu", [Unit({src: 1.0, top: -1.0}, excess)]))
             b.layer(ffn=FFN("bilinear", [Unit(excess, over, gate="drop")]))
             b.layer(ffn=FFN("exp", [Unit({src: 1.0, top: -1.0, over: -1.0, "drop": -MASKED}, e)]))
+        # the row sum m * mean (m the positional feature ``keys``), then its reciprocal
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
-                FFN("reciprocal", [Unit({mean: float(m)}, r)]))
+                FFN("bilinear", [Unit(mean, total, gate="keys")]))
         if tag not in self.scales:
+            b.layer(ffn=FFN("reciprocal", [Unit(total, r)]))
             b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
             return
         multiplier, dropped = b.slot(f"{tag}scale"), b.slot(f"{tag}pd")
         fetch = Head([match({"block": "sc.block", "row": "kp.row", "col": "kp.col"})], [("value", multiplier)],
                      name=f"{tag}scale")
-        b.layer([fetch], FFN("bilinear", [Unit(e, p, gate=r)]))
+        b.layer([fetch], FFN("reciprocal", [Unit(total, r)]))
+        b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
         b.layer(ffn=FFN("bilinear", [Unit(p, dropped, gate=multiplier)]))
 
     def _layernorm_layers(self, b: Builder, tag: str, block: str, out: str, gamma: str, beta: str,
-                          eps: float) -> None:
+                          eps: str) -> None:
         src = self.home_at(block, tag)
-        mu, v, g, c, sq, dg, var, r, y = (b.slot(f"{tag}{s}") for s in ("mean", "v", "g", "c", "sq", "dg", "var",
-                                                                          "r", "out"))
+        mu, v, g, c, sq, dg, var, ep, r, y = (b.slot(f"{tag}{s}") for s in ("mean", "v", "g", "c", "sq", "dg", "var",
+                                                                              "eps", "r", "out"))
         source = {a: f"fa.{a}" for a in ADDRESS}
         b.layer([Head([match({"block": "fa.block", "row": "fa.row"})], [(src, mu)], name=f"{tag}mean", average=True),
                  Head([match(source)], [(src, v)], name=f"{tag}fetch"),
                  Head([match({a: f"fb.{a}" for a in ADDRESS})], [("value", g)], name=f"{tag}gamma"),
                  Head([match({"block": "lb.block", "row": "fb.row", "col": "fb.col"})], [("value", c)],
-                      name=f"{tag}beta")],
+                      name=f"{tag}beta"),
+                 Head([match({"block": f"ep.{eps}", "row": 0, "col": 0})], [("value", ep)], name=f"{tag}eps")],
                 FFN("bilinear", [Unit({v: 1.0, mu: -1.0}, sq, gate={v: 1.0, mu: -1.0}),
                                  Unit({v: 1.0, mu: -1.0}, dg, gate=g)]))
         b.layer([Head([match({"block": "block", "row": "row"})], [(sq, var)], name=f"{tag}var", average=True)],
-                FFN("rsqrt", [Unit({var: 1.0, ONE: eps}, r)]))
+                FFN("rsqrt", [Unit({var: 1.0, ep: 1.0}, r)]))
         b.layer(ffn=FFN("bilinear", [Unit(dg, y, gate=r), Unit(c, y, gate=ONE)]))
 
 

@@ -160,6 +160,21 @@ def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in
     return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
 
+FORMS = ("av", "av_ffn", "factored")
+
+
+def _builder(form: str, sizes: tuple):
+    """(Builder, Layout) of U of one form at the given sizes, result slots set: (n, d, heads,
+    ffn_hidden or None) for the (A, V) forms, (n, d, heads, head_dim, kv_len, kdim, vdim) factored."""
+    pipe = _factored_pipeline(*sizes) if form == "factored" else _av_pipeline(*sizes)
+    b, layout = pipe.build()
+    for h in range(sizes[2]):
+        b.result(f"s{h}", pipe.home[f"s{h}"])
+    result = "y" if "y" in [blk.name for blk in layout.outputs] else "out"
+    b.result(result, pipe.home[result])
+    return b, layout
+
+
 @register
 class UniversalSimulator(Construction):
     """forward(x (..., n, d), *weights, key_padding_mask=None, ...) -> (..., n, d).
@@ -167,14 +182,35 @@ class UniversalSimulator(Construction):
     (A, V) form: weights = a, v, each (d, d) or (heads, d, d), optionally batched; with
     ``ffn_hidden`` also w1, w2, residual. Factored form (``head_dim=r``): weights = wq, wk, wv
     ((heads, d, r) or (d, r) for one head), wo ((heads, r, d) or (r, d)), and bo (d,) optional.
-    key_padding_mask (..., n) is True where a key (token of x) is ignored. A U built for (n, d[, r])
-    also computes any smaller problem: inputs are padded with zeros and the padded tokens masked out
-    of the softmax.
+    key_padding_mask (..., n) is True where a key (token of x) is ignored.
+
+    ``UniversalSimulator()`` (no sizes; ``form="av"``, ``"av_ffn"`` or ``"factored"``) runs every
+    size: n, d, heads (and ffn_hidden, head_dim, kv_len, kdim, vdim) are read off the inputs, and
+    the layout of each call shape is built once. Its weights are those of every sized U of its form,
+    bitwise. A sized U (``UniversalSimulator(n, d, ...)``) also computes any smaller problem: inputs
+    are padded with zeros and the padded tokens masked out of the softmax.
     """
 
-    def __init__(self, n: int, d: int, heads: int = 1, ffn_hidden: int | None = None, *,
-                 head_dim: int | None = None, kv_len: int | None = None, kdim: int | None = None,
-                 vdim: int | None = None, execution: str = "fast"):
+    def __init__(self, n: int | None = None, d: int | None = None, heads: int | None = None,
+                 ffn_hidden: int | None = None, *, head_dim: int | None = None, kv_len: int | None = None,
+                 kdim: int | None = None, vdim: int | None = None, form: str | None = None,
+                 execution: str = "fast"):
+        if form is not None and form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if n is None and d is None:  # universal: every size of the form
+            given = {k: v for k, v in (("heads", heads), ("ffn_hidden", ffn_hidden), ("head_dim", head_dim),
+                                       ("kv_len", kv_len), ("kdim", kdim), ("vdim", vdim)) if v is not None}
+            if given:
+                raise ValueError(f"a universal U (no n, d) reads its sizes off the inputs; got {given}: give n and d "
+                                 "too for a U of fixed sizes, or pass form='av', 'av_ffn' or 'factored'")
+            form = form or "av"
+            sizes = (1, 1, 1, 1, 1, 1, 1) if form == "factored" else (1, 1, 1, 1 if form == "av_ffn" else None)
+            b, layout = _builder(form, sizes)
+            super().__init__(b.build(), layout, {"form": form}, execution=execution)
+            return
+        if n is None or d is None:
+            raise ValueError(f"give both n and d (a U of fixed sizes) or neither (a universal U), got n={n}, d={d}")
+        heads = 1 if heads is None else heads
         check_size("n", n)
         check_size("d", d)
         check_size("heads", heads)
@@ -191,29 +227,39 @@ class UniversalSimulator(Construction):
             if ffn_hidden is not None:
                 raise ValueError("ffn_hidden is for the (A, V) form; the factored form (head_dim) has none")
             cross = {"kv_len": kv_len or n, "kdim": kdim or d, "vdim": vdim or d}
-        pipe = _av_pipeline(n, d, heads, ffn_hidden) if head_dim is None else \
-            _factored_pipeline(n, d, heads, head_dim, cross["kv_len"], cross["kdim"], cross["vdim"])
-        b, layout = pipe.build()
-        for h in range(heads):
-            b.result(f"s{h}", pipe.home[f"s{h}"])
-        result = "y" if "y" in [blk.name for blk in layout.outputs] else "out"
-        b.result(result, pipe.home[result])
-        args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden}
-        if head_dim is not None:
+        built = "factored" if head_dim is not None else "av_ffn" if ffn_hidden is not None else "av"
+        if form is not None and form != built:
+            raise ValueError(f"form={form!r} but these sizes make the {built!r} form")
+        if head_dim is None:
+            b, layout = _builder(built, (n, d, heads, ffn_hidden))
+            args = {"n": n, "d": d, "heads": heads, "ffn_hidden": ffn_hidden}
+        else:
+            b, layout = _builder(built, (n, d, heads, head_dim, cross["kv_len"], cross["kdim"], cross["vdim"]))
             args = {"n": n, "d": d, "heads": heads, "head_dim": head_dim, **cross}
         super().__init__(b.build(), layout, args, execution=execution)
 
     @property
-    def n(self) -> int:
-        return self.args["n"]
+    def universal(self) -> bool:
+        return "form" in self.args
 
     @property
-    def d(self) -> int:
-        return self.args["d"]
+    def form(self) -> str:
+        """"av", "av_ffn" or "factored"."""
+        if self.universal:
+            return self.args["form"]
+        return "factored" if "head_dim" in self.args else "av_ffn" if self.args["ffn_hidden"] is not None else "av"
 
     @property
-    def heads(self) -> int:
-        return self.args["heads"]
+    def n(self) -> int | None:
+        return self.args.get("n")
+
+    @property
+    def d(self) -> int | None:
+        return self.args.get("d")
+
+    @property
+    def heads(self) -> int | None:
+        return self.args.get("heads")
 
     @property
     def head_dim(self) -> int | None:
@@ -224,8 +270,22 @@ class UniversalSimulator(Construction):
         return self.attention(x, *weights, key_padding_mask=key_padding_mask, w1=w1, w2=w2, residual=residual,
                               bo=bo, key=key, value=value, attn_mask=attn_mask, weight_scale=weight_scale)[0]
 
+    def plan(self, *sizes) -> None:
+        """Build the layout, frame and structured program of one call shape ahead of its first call
+        (a universal U; sizes as ``frame_for`` takes them)."""
+        at = self._at(tuple(sizes))
+        if self.encoder.execution == "fast":
+            self.encoder.program(torch.float32, None, at[1])
+
+    def _at(self, sizes: tuple):
+        """(Layout, Frame) of a call shape, or None for a sized U (its own)."""
+        if not self.universal:
+            return None
+        return self.frame_for(sizes, lambda: _builder(self.form, sizes))
+
     def attention(self, x, *weights, key_padding_mask=None, w1=None, w2=None, residual: bool = False, bo=None,
-                  key=None, value=None, attn_mask=None, weight_scale=None, finite: bool = True):
+                  key=None, value=None, attn_mask=None, weight_scale=None, finite: bool = True,
+                  execution: str | None = None):
         """(output (..., n, d), attention weights (..., heads, n, m)), both read from the encoder.
 
         Factored form only: ``key`` (..., m, kdim) and ``value`` (..., m, vdim) for cross-attention
@@ -236,39 +296,52 @@ class UniversalSimulator(Construction):
         weights include it, as nn.MultiheadAttention's do. With no keys at all (m = 0) the output is
         b_O, as nn.MultiheadAttention's. ``finite=False`` (factored form): NaN and infinite inputs (a
         float attn_mask's too) are not refused but go through the encoder, as through
-        nn.MultiheadAttention (no host sync looks for them)."""
-        n, d = self.n, self.d
-        factored = self.head_dim is not None
+        nn.MultiheadAttention (no host sync looks for them). ``execution``: this call's (default:
+        the module's)."""
+        factored = self.form == "factored"
         if not factored and (key is not None or value is not None or attn_mask is not None or
                              weight_scale is not None):
             raise ValueError("key, value, attn_mask and weight_scale are for the factored form (head_dim)")
         if factored:
             return self._factored_attention(x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale,
-                                            finite)
-        names = ("wq", "wk", "wv", "wo") if factored else ("a", "v")
-        if not factored and 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
+                                            finite, execution)
+        names = ("a", "v")
+        if 2 < len(weights) <= 6:  # (x, a, v, key_padding_mask, w1, w2, residual) by position
             extra = dict(zip(("key_padding_mask", "w1", "w2", "residual"), weights[2:]))
             weights = weights[:2]
             key_padding_mask = extra.get("key_padding_mask", key_padding_mask)
             w1, w2, residual = extra.get("w1", w1), extra.get("w2", w2), extra.get("residual", residual)
         if len(weights) != len(names):
-            raise TypeError(f"this U ({'factored, head_dim=' + str(self.head_dim) if factored else '(A, V) form'}) "
-                            f"takes x and {', '.join(names)}; got {1 + len(weights)} arrays")
+            raise TypeError(f"this U ((A, V) form) takes x and {', '.join(names)}; got {1 + len(weights)} arrays")
         for name, t in (("x", x), *zip(names, weights)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if x.dim() < 2:
             raise ValueError(f"x must be (..., n, d), got shape {tuple(x.shape)}")
         n_in, d_in = x.shape[-2:]
-        if n_in > n or d_in > d:
-            raise ValueError(f"x is (..., {n_in}, {d_in}) but this U was built for n <= {n}, d <= {d}")
-        ignore = self._ignored(key_padding_mask, x, n_in)
+        if self.universal:
+            heads = weights[0].shape[-3] if weights[0].dim() > 2 else 1
+            hidden = None
+            if self.form == "av_ffn":
+                if not isinstance(w1, torch.Tensor) or w1.dim() < 2:
+                    raise ValueError("this U has an FFN sublayer: pass w1 (d, ffn_hidden) and w2 (ffn_hidden, d)")
+                hidden = w1.shape[-1]
+            for name, size in (("n", n_in), ("d", d_in), ("heads", heads), ("ffn_hidden", hidden)):
+                if size is not None:
+                    check_size(name, size)
+            n, d = n_in, d_in
+            at = self._at((n, d, heads, hidden))
+        else:
+            n, d, heads, hidden, at = self.n, self.d, self.heads, self.args["ffn_hidden"], None
+            if n_in > n or d_in > d:
+                raise ValueError(f"x is (..., {n_in}, {d_in}) but this U was built for n <= {n}, d <= {d}")
+        ignore = self._ignored(key_padding_mask, x, n_in, n)
         x = F.pad(x, (0, d - d_in, 0, n - n_in))
-        arrays = self._av_inputs(x, weights, d_in, w1, w2, residual)
-        out, *probs = self.run(*arrays, ignore)
+        arrays = self._av_inputs(x, weights, d_in, d, heads, hidden, w1, w2, residual)
+        out, *probs = self.run(*arrays, ignore, at=at, execution=execution)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :n_in]
 
-    def _ignored(self, mask, x, n_in):
+    def _ignored(self, mask, x, n_in, n):
         """Key flags (..., n): 1 ignores a token (masked or padding), 0 keeps it."""
         if mask is None:
             mask = torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
@@ -278,11 +351,10 @@ class UniversalSimulator(Construction):
             raise ValueError(f"key_padding_mask must be bool (..., {n_in}), got {mask.dtype} {tuple(mask.shape)}")
         if mask.all(-1).any():
             raise ValueError("key_padding_mask masks every key of some item: the softmax is undefined")
-        return F.pad(mask.to(x.dtype), (0, self.n - n_in), value=1.0)
+        return F.pad(mask.to(x.dtype), (0, n - n_in), value=1.0)
 
-    def _av_inputs(self, x, weights, d_in, w1, w2, residual):
-        d, hidden = self.d, self.args["ffn_hidden"]
-        a, v = (self._per_head(name, t, (d_in, d_in)) for name, t in zip(("a", "v"), weights))
+    def _av_inputs(self, x, weights, d_in, d, heads, hidden, w1, w2, residual):
+        a, v = (self._per_head(name, t, (d_in, d_in), heads) for name, t in zip(("a", "v"), weights))
         a = F.pad(a, (0, d - d_in, 0, d - d_in))
         v = F.pad(v, (0, d - d_in, 0, d - d_in))
         arrays = [x, *a.unbind(-3), *v.unbind(-3)]
@@ -298,15 +370,13 @@ class UniversalSimulator(Construction):
             raise ValueError("w1/w2 given but this U was built without ffn_hidden")
         return arrays
 
-    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale, finite):
-        n, d, r = self.n, self.d, self.head_dim
-        m, kdim, vdim = self.args["kv_len"], self.args["kdim"], self.args["vdim"]
+    def _factored_attention(self, x, weights, key, value, key_padding_mask, attn_mask, bo, weight_scale, finite,
+                            execution=None):
         key = x if key is None else key
         value = key if value is None else value
         names = ("wq", "wk", "wv", "wo")
         if len(weights) != len(names):
-            raise TypeError(f"this U (factored, head_dim={r}) takes x and {', '.join(names)}; "
-                            f"got {1 + len(weights)} arrays")
+            raise TypeError(f"this U (factored) takes x and {', '.join(names)}; got {1 + len(weights)} arrays")
         for name, t in (("x", x), ("key", key), ("value", value), *zip(names, weights)):
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -315,28 +385,37 @@ class UniversalSimulator(Construction):
         (n_in, d_in), (m_in, k_in), (m_v, v_in) = x.shape[-2:], key.shape[-2:], value.shape[-2:]
         if m_v != m_in:
             raise ValueError(f"key and value must have the same length, got {tuple(key.shape)} and {tuple(value.shape)}")
-        for what, got, built in (("x", (n_in, d_in), (n, d)), ("key", (m_in, k_in), (m, kdim)),
-                                 ("value", (m_v, v_in), (m, vdim))):
-            if got[0] > built[0] or got[1] > built[1]:
-                raise ValueError(f"{what} is (..., {got[0]}, {got[1]}) but this U was built for at most "
-                                 f"(..., {built[0]}, {built[1]})")
         wq, wk, wv, wo = weights
         r_in = wq.shape[-1]
-        if r_in > r:
-            raise ValueError(f"wq is {tuple(wq.shape)}: head_dim {r_in} exceeds this U's head_dim {r}")
-        wq = F.pad(self._per_head("wq", wq, (d_in, r_in)), (0, r - r_in, 0, d - d_in))
-        wk = F.pad(self._per_head("wk", wk, (k_in, r_in)), (0, r - r_in, 0, kdim - k_in))
-        wv = F.pad(self._per_head("wv", wv, (v_in, r_in)), (0, r - r_in, 0, vdim - v_in))
-        wo = F.pad(self._per_head("wo", wo, (r_in, d_in)), (0, d - d_in, 0, r - r_in))
+        if self.universal:  # the sizes of this call; no keys (or queries) run at one padded key (query)
+            heads = wq.shape[-3] if wq.dim() > 2 else 1
+            n, d, r, m, kdim, vdim = max(n_in, 1), d_in, r_in, max(m_in, 1), k_in, v_in
+            for name, size in (("n", n), ("d", d), ("heads", heads), ("head_dim", r), ("kdim", kdim), ("vdim", vdim)):
+                check_size(name, size)
+            at = self._at((n, d, heads, r, m, kdim, vdim))
+        else:
+            n, d, r, heads, at = self.n, self.d, self.head_dim, self.heads, None
+            m, kdim, vdim = self.args["kv_len"], self.args["kdim"], self.args["vdim"]
+            for what, got, built in (("x", (n_in, d_in), (n, d)), ("key", (m_in, k_in), (m, kdim)),
+                                     ("value", (m_v, v_in), (m, vdim))):
+                if got[0] > built[0] or got[1] > built[1]:
+                    raise ValueError(f"{what} is (..., {got[0]}, {got[1]}) but this U was built for at most "
+                                     f"(..., {built[0]}, {built[1]})")
+            if r_in > r:
+                raise ValueError(f"wq is {tuple(wq.shape)}: head_dim {r_in} exceeds this U's head_dim {r}")
+        wq = F.pad(self._per_head("wq", wq, (d_in, r_in), heads), (0, r - r_in, 0, d - d_in))
+        wk = F.pad(self._per_head("wk", wk, (k_in, r_in), heads), (0, r - r_in, 0, kdim - k_in))
+        wv = F.pad(self._per_head("wv", wv, (v_in, r_in), heads), (0, r - r_in, 0, vdim - v_in))
+        wo = F.pad(self._per_head("wo", wo, (r_in, d_in), heads), (0, d - d_in, 0, r - r_in))
         if bo is None:
             bo = x.new_zeros(d_in)
         if not isinstance(bo, torch.Tensor) or bo.shape[-1:] != (d_in,):
             raise ValueError(f"bo must be a tensor (..., {d_in}), got {tuple(getattr(bo, 'shape', ()))}")
-        ignore, bias = self._score_masks(x, key_padding_mask, attn_mask, n_in, m_in, finite)
-        scale = torch.ones(self.heads, n_in, m_in, dtype=x.dtype, device=x.device)
+        ignore, bias = score_masks(x, heads, n, m, key_padding_mask, attn_mask, n_in, m_in, finite=finite)
+        scale = torch.ones(heads, n_in, m_in, dtype=x.dtype, device=x.device)
         if weight_scale is not None:
             if not isinstance(weight_scale, torch.Tensor) or weight_scale.shape[-3:] != scale.shape:
-                raise ValueError(f"weight_scale must be (..., {self.heads}, {n_in}, {m_in}), "
+                raise ValueError(f"weight_scale must be (..., {heads}, {n_in}, {m_in}), "
                                  f"got {tuple(getattr(weight_scale, 'shape', ()))}")
             scale = scale * weight_scale.to(x.dtype)
         # no keys at all: the padding keys are kept with weight multiplier 0, so the output is b_O
@@ -345,17 +424,13 @@ class UniversalSimulator(Construction):
                   F.pad(value, (0, vdim - v_in, 0, m - m_in)), *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3),
                   *wo.unbind(-3), F.pad(bo, (0, d - d_in)), torch.ones(1, dtype=x.dtype, device=x.device),
                   *ignore.unbind(-3), *bias.unbind(-3), *scale.unbind(-3)]
-        out, *probs = self.run(*arrays, finite=finite)
+        out, *probs = self.run(*arrays, finite=finite, at=at, execution=execution)
         return out[..., :n_in, :d_in], torch.stack(probs, dim=-3)[..., :n_in, :m_in]
 
-    def _score_masks(self, x, key_padding_mask, attn_mask, n_in, m_in, finite=True):
-        return score_masks(x, self.heads, self.n, self.args["kv_len"], key_padding_mask, attn_mask, n_in, m_in,
-                           finite=finite)
-
-    def _per_head(self, name, t, shape):
+    def _per_head(self, name, t, shape, heads):
         if t.dim() == 2:
             t = t[None]
-        if t.dim() < 3 or tuple(t.shape[-2:]) != tuple(shape) or t.shape[-3] != self.heads:
-            raise ValueError(f"{name} must be ({shape[0]}, {shape[1]}) or (..., {self.heads}, {shape[0]}, "
-                             f"{shape[1]}) for this U with heads={self.heads}, got {tuple(t.shape)}")
+        if t.dim() < 3 or tuple(t.shape[-2:]) != tuple(shape) or t.shape[-3] != heads:
+            raise ValueError(f"{name} must be ({shape[0]}, {shape[1]}) or (..., {heads}, {shape[0]}, "
+                             f"{shape[1]}) for this U with heads={heads}, got {tuple(t.shape)}")
         return t
