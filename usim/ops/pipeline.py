@@ -9,12 +9,16 @@ A product out = sum_t left_t * right_t, out of shape (n, p) with T terms, gets a
 block* (n, p, T). Term token (i, k, t) carries, as positional slots, the *addresses* of its two
 operands, (block, row, col) each: ``fa.*`` for the left one and ``fb.*`` for the right one. Output
 token (i, k) carries the address of its terms, ``rd.* = (term block, i, k)``. A matmul stage of any
-number of products is two layers:
+number of products is two layers (three with an activation):
 
     layer 1  fetch heads: key (block, row, col) == the query's fa (resp. fb): copy the operand's
              slot into slot a (resp. b);  FFN bilinear: term = a * b (one rounding, as in torch)
     layer 2  reduce head (averaging): keys (block, row, col) == the query's rd, i.e. the T terms of
-             (i, k): their mean, summed in key order;  FFN: out = act(T * mean) (identity or relu)
+             (i, k): their mean, summed in key order;  FFN bilinear: out = terms * mean (+ addend * 1)
+    layer 3  (relu and the other activations only) FFN: out = act(the sum of layer 2)
+
+The sizes are never weights: T is the positional feature ``terms`` of the output token (the term
+count of its stage), so one set of weights serves every size (a constant T in a weight would not).
 
 Every other token's addresses point at ``null``, a scratch token whose addresses point at itself:
 every slot a matmul stage writes is 0 there, so a token that takes no part in a stage reads zeros.
@@ -23,24 +27,27 @@ output slot for its outputs, ``p`` for softmax outputs. One side of a stage may 
 two homes: ``value`` and one matmul output slot, since each is exactly 0 where the other lives
 (an input block is 0 in every stage output slot, an intermediate block is 0 in ``value``).
 
-A softmax stage, row-wise over blocks of m columns (Lemma 3, as in usim/ops/softmax.py), is three
+A softmax stage, row-wise over blocks of m columns (Lemma 3, as in usim/ops/softmax.py), is four
 layers: the row maximum by attention then exp(s - max); the row mean of e (averaging head) then
-r = 1 / (m * mean); then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
+total = keys * mean (``keys``: the positional feature m at the softmax tokens, 1 elsewhere); then
+r = 1 / total; then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
 a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
 softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
 elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys; the first
 layer's FFN makes excess = relu(s - max), a second over = excess * drop (a masked key's excess over
 the kept maximum, 0 for a kept key) and a third e = exp(s - max - over - MASKED * drop): exactly 0
 for a masked key whatever its score (s - max - over <= 0; a score of -inf too), s - max for a kept
-one: five layers. (A masked key's score of +inf or NaN makes its row NaN, as in torch.)
+one: six layers. (A masked key's score of +inf or NaN makes its row NaN, as in torch.)
 
 A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
 biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
 its source entry (z, i, k) in ``fa.*``, of gamma[k] in ``fb.*`` (row 0, col k) and of beta[k] in
-``lb.block`` (with ``fb.row``, ``fb.col``):
+``lb.block`` (with ``fb.row``, ``fb.col``); every token carries the index of the eps input block
+(one token) in ``ep.<block>``:
 
     layer 1  heads: the mean mu of z's row i (averaging head, keys (block, row) == (fa.block, fa.row));
-             v = z[i, k]; g = gamma[k]; c = beta[k];  FFN bilinear: sq = (v - mu)^2, dg = (v - mu) * g
+             v = z[i, k]; g = gamma[k]; c = beta[k]; eps (an input, not a weight)
+             FFN bilinear: sq = (v - mu)^2, dg = (v - mu) * g
     layer 2  head: var = the mean of sq over the token's own row (averaging);  FFN rsqrt: r = 1 / sqrt(var + eps)
     layer 3  FFN bilinear: out = dg * r + c * 1
 

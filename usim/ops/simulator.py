@@ -24,8 +24,9 @@ is two layers (fetch the two operands and multiply; average the terms and scale 
 three, and the stream width and head count do not grow with n, d or the number of heads. All
 routing between the steps is done by the encoder's own attention layers.
 
-Depth: (A, V) form 11 (15 with ffn_hidden); factored form 14. Activations: bilinear, identity, exp,
-reciprocal (+ relu).
+Depth: (A, V) form 12 (17 with ffn_hidden); factored form 15. Activations: bilinear, exp,
+reciprocal (+ relu). The weights are the same for every size of a form (the sizes are positional
+features and inputs: ``usim.ops.pipeline``), so ``UniversalSimulator()`` runs every size.
 """
 
 from __future__ import annotations
