@@ -177,8 +177,9 @@ def test_the_drop_in_program_traces_whole(seed):
     mask = torch.tensor([[False, False, True, False], [False] * 4])
     with torch.no_grad():
         want = sim(x, x, x, key_padding_mask=mask)[0]
-        u = sim.simulator
-        program = u.encoder.program(torch.float32)
+        u = sim.simulator  # the universal U: this call's shape (n, d + 1, heads, head_dim, m, kdim + 1, vdim + 1)
+        frame = u.frames[(4, 9, 2, 4, 4, 9, 9)][1]
+        program = u.encoder.program(torch.float32, None, frame)
         assert isinstance(program, StructuredProgram)
         seen = {}
         original = program.forward
