@@ -204,7 +204,8 @@ def test_hf_kernel_fully_masked_rows_as_sdpa(seed):
     for kernel in ("usim", "sdpa"):
         if kernel == "usim":
             out, weights = usim_attention_forward(nn.Module(), q, k, v, attend, scaling=0.5)
-            assert torch.equal(weights[~attend.expand_as(weights)], torch.zeros_like(weights[~attend.expand_as(weights)]))
+            masked = weights[~attend.expand_as(weights)]
+            assert torch.equal(masked, torch.zeros_like(masked)), seed
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=0.5).transpose(1, 2)
         assert out.isfinite().all(), seed
