@@ -51,7 +51,7 @@ def tiny_bert(layers=2):
 def test_a_layer_listed_twice_is_one_drop_in(seed):
     shared = layer()
     model = nn.Sequential(shared, nn.Linear(8, 8), shared)
-    sim = usim.simulate_layers(model, seq_len=4)
+    sim = usim.simulate_layers(model)
     assert isinstance(sim[0], SimulatedTransformerEncoderLayer) and sim[0] is sim[2], seed
     x = torch.randn(2, 4, 8)
     with torch.no_grad():
@@ -62,7 +62,7 @@ def test_frozen_parameters_stay_frozen(seed):
     encoder = nn.TransformerEncoder(layer(), num_layers=2, enable_nested_tensor=False)
     encoder.layers[0].linear1.weight.requires_grad_(False)
     encoder.layers[1].self_attn.in_proj_weight.requires_grad_(False)
-    sim = usim.simulate_layers(encoder, seq_len=4)
+    sim = usim.simulate_layers(encoder)
     assert [p.requires_grad for p in sim.parameters()] == [p.requires_grad for p in encoder.parameters()], seed
     sim(torch.randn(2, 4, 8)).sum().backward()
     assert sim.layers[0].linear1.weight.grad is None and sim.layers[1].self_attn.in_proj_weight.grad is None
@@ -73,7 +73,7 @@ def test_inplace_keeps_the_parameters_an_optimizer_holds(seed):
     encoder = nn.TransformerEncoder(layer(), num_layers=2, enable_nested_tensor=False)
     params = list(encoder.parameters())
     optimizer = torch.optim.SGD(encoder.parameters(), lr=0.1)
-    sim = usim.simulate_layers(encoder, seq_len=4, inplace=True)
+    sim = usim.simulate_layers(encoder, inplace=True)
     assert sim is encoder and all(isinstance(m, SimulatedTransformerEncoderLayer) for m in encoder.layers)
     assert [id(p) for p in sim.parameters()] == [id(p) for p in params], seed
     x = torch.randn(2, 4, 8)
@@ -85,7 +85,7 @@ def test_inplace_keeps_the_parameters_an_optimizer_holds(seed):
 
 def test_a_deep_copy_is_trained_apart_from_the_model(seed):
     encoder = nn.TransformerEncoder(layer(), num_layers=1, enable_nested_tensor=False)
-    sim = usim.simulate_layers(encoder, seq_len=4)
+    sim = usim.simulate_layers(encoder)
     assert not {id(p) for p in sim.parameters()} & {id(p) for p in encoder.parameters()}, seed
 
 
@@ -93,19 +93,19 @@ def test_a_deep_copy_is_trained_apart_from_the_model(seed):
 def test_an_activation_subclass_with_its_own_forward_is_refused(seed, activation):
     model = nn.Sequential(layer(), layer(activation))
     with pytest.raises(ValueError, match=f"1: activation {type(activation).__name__} .*own forward"):
-        usim.simulate_layers(model, seq_len=4, inplace=True)
+        usim.simulate_layers(model, inplace=True)
     assert not any(isinstance(m, SimulatedTransformerEncoderLayer) for m in model), seed  # nothing replaced
     with pytest.raises(ValueError, match=type(activation).__name__):
-        SimulatedTransformerEncoderLayer.from_torch(model[1], seq_len=4)
+        SimulatedTransformerEncoderLayer.from_torch(model[1])
 
 
 def test_a_layer_subclass_with_its_own_forward_is_refused():
     model = nn.Sequential(layer(), ScaledLayer(8, 2, dim_feedforward=16, batch_first=True))
     with pytest.raises(ValueError, match="1: ScaledLayer is a subclass"):
-        usim.simulate_layers(model, seq_len=4, inplace=True)
+        usim.simulate_layers(model, inplace=True)
     assert not isinstance(model[0], SimulatedTransformerEncoderLayer)
     with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
-        usim.simulate_layers("encoder", seq_len=4)
+        usim.simulate_layers("encoder")
 
 
 def test_bert_layers_on_real_graphs(seed):
@@ -119,7 +119,7 @@ def test_bert_layers_on_real_graphs(seed):
     ids = torch.randint(1, 50, (2, 5))
     with torch.no_grad():
         want = model(input_ids=ids).last_hidden_state
-    sim = simulate_bert_layers(model, seq_len=5, inplace=True)
+    sim = simulate_bert_layers(model, inplace=True)
     first, second = sim.encoder.layer
     assert isinstance(first, SimulatedBertLayer) and first is second, seed
     assert [id(p) for p in sim.parameters()] == [id(p) for p in params], seed
@@ -137,9 +137,9 @@ def test_bert_bad_models_and_activations(seed):
     for bad in ("bert-base-uncased", [tiny_bert(1)]):
         for simulate in (simulate_bert_layers, simulate_bert_attention):
             with pytest.raises(TypeError, match=f"model must be an nn.Module .*got {type(bad).__name__}"):
-                simulate(bad, seq_len=4)
+                simulate(bad)
     model = tiny_bert(1)
     model.encoder.layer[0].intermediate.intermediate_act_fn = TanhGELU()
     with pytest.raises(ValueError, match="TanhGELU is a subclass of nn.GELU with its own forward"):
-        simulate_bert_layers(model, seq_len=4, inplace=True)
+        simulate_bert_layers(model, inplace=True)
     assert type(model.encoder.layer[0]).__name__ == "BertLayer", seed  # nothing replaced

@@ -43,7 +43,7 @@ def _masks(dtype, big, length=5):
 @pytest.mark.parametrize("dtype, big", CASES)
 def test_drop_in_masked_keys_take_no_part_at_any_bias(seed, dtype, big, execution="fast", heads=2, length=5):
     mha = nn.MultiheadAttention(4, heads, batch_first=True, dtype=dtype)
-    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=length + 1, execution=execution)  # a padding key of U's
+    sim = SimulatedMultiheadAttention.from_torch(mha, execution=execution)
     x = torch.randn(1, length, 4, dtype=dtype)
     mask, padding = _masks(dtype, big, length)
     want, want_w = mha(x, x, x, attn_mask=mask, key_padding_mask=padding.to(dtype).masked_fill(padding, float("-inf")),
@@ -62,30 +62,45 @@ def test_dense_execution_masked_keys_take_no_part(seed):
 
 
 @pytest.mark.parametrize("dtype, big", CASES)
-def test_drop_in_padding_keys_of_u_take_no_part(seed, dtype, big):
-    # every score of the row far below 0, the score of U's own padding keys (a U for longer sequences)
+def test_padding_keys_of_a_sized_u_take_no_part(seed, dtype, big):
+    # universality by padding: a U built for 8 tokens computes 3; every kept score lies far below 0,
+    # the score of the padding keys
     mha = nn.MultiheadAttention(4, 1, batch_first=True, dtype=dtype)
-    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=8)
+    wq, wk, wv, wo, bo = SimulatedMultiheadAttention.from_torch(mha).folded(dtype)  # on [x, 1]
+    u = usim.UniversalSimulator(8, 5, heads=1, head_dim=4)
     x = torch.randn(2, 3, 4, dtype=dtype)
     mask = torch.full((3, 3), big, dtype=dtype) + torch.randn(3, 3, dtype=dtype)
     want, want_w = mha(x, x, x, attn_mask=mask)
-    got, got_w = sim(x, x, x, attn_mask=mask)
-    torch.testing.assert_close(got_w.sum(-1), torch.ones(2, 3, dtype=dtype), **TOL[dtype])
-    torch.testing.assert_close(got_w, want_w, **TOL[dtype], msg=f"seed {seed} bias {big}")
-    torch.testing.assert_close(got, want, **TOL[dtype], msg=f"seed {seed} bias {big}")
+    got, got_w = u.attention(torch.cat([x, torch.ones(2, 3, 1, dtype=dtype)], -1), wq, wk, wv, wo, bo=bo,
+                             attn_mask=mask)
+    torch.testing.assert_close(got_w.sum(-1), torch.ones(2, 1, 3, dtype=dtype), **TOL[dtype])
+    torch.testing.assert_close(got_w[:, 0], want_w, **TOL[dtype], msg=f"seed {seed} bias {big}")
+    torch.testing.assert_close(got[..., :4], want, **TOL[dtype], msg=f"seed {seed} bias {big}")
+
+
+@pytest.mark.parametrize("dtype, big", CASES)
+def test_padding_keys_of_a_sized_core_take_no_part(seed, dtype, big):
+    q, k, v = (torch.randn(2, 2, 3, 4, dtype=dtype) for _ in range(3))
+    bias = torch.full((3, 3), big, dtype=dtype)
+    out, weights = usim.AttentionCore(8, 8, heads=2, head_dim=4).attention(q, k, v, scaling=0.5, bias=bias)
+    probs = torch.softmax(q @ k.mT * 0.5 + bias, -1)
+    torch.testing.assert_close(weights, probs, **TOL[dtype], msg=f"seed {seed} bias {big}")
+    torch.testing.assert_close(out, probs @ v, **TOL[dtype], msg=f"seed {seed} bias {big}")
 
 
 @pytest.mark.parametrize("scale", [1e50, 1e100, 1e150])
 def test_float64_drop_in_with_huge_logits(seed, scale):
-    # projections scaled so that the scores are near scale^2 (up to 1e300): a kept maximum far below
-    # 0 once let U's padding keys (score 0) into the row
+    # projections scaled so that the scores are near +-scale^2 (up to 1e300): a kept maximum far
+    # below a masked key's score once let that key into the row
     mha = nn.MultiheadAttention(4, 1, batch_first=True, dtype=torch.float64)
     with torch.no_grad():
         mha.in_proj_weight.mul_(scale)
-    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=6)
+    sim = SimulatedMultiheadAttention.from_torch(mha)
     x = torch.randn(3, 4, 4, dtype=torch.float64)
-    want, want_w = mha(x, x, x)
-    got, got_w = sim(x, x, x)
+    padding = torch.zeros(3, 4, dtype=torch.bool)
+    padding[:, 1] = True
+    want, want_w = mha(x, x, x, key_padding_mask=padding)
+    got, got_w = sim(x, x, x, key_padding_mask=padding)
     torch.testing.assert_close(got_w, want_w, rtol=1e-9, atol=1e-12, msg=f"seed {seed}")
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * want.abs().max().item(), msg=f"seed {seed}")
     bias = torch.randn(4, 4, dtype=torch.float64) * 1e200  # finite score biases near +-1e200
@@ -96,7 +111,7 @@ def test_float64_drop_in_with_huge_logits(seed, scale):
 @pytest.mark.parametrize("dtype, big", CASES)
 def test_layer_masked_keys_take_no_part_at_any_bias(seed, dtype, big):
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=dtype).eval()
-    sim = usim.SimulatedTransformerEncoderLayer.from_torch(layer, seq_len=7)
+    sim = usim.SimulatedTransformerEncoderLayer.from_torch(layer)
     x = torch.randn(1, 5, 8, dtype=dtype)
     mask, padding = _masks(dtype, big)
     mask[:, 1] = 0.0  # nn.TransformerEncoderLayer merges the two masks itself
@@ -111,7 +126,7 @@ def test_hf_kernel_masked_keys_take_no_part_at_any_bias(seed, dtype, big):
     pytest.importorskip("transformers")
     from usim.hf import usim_attention_forward
 
-    q, k, v = (torch.randn(2, 2, 5, 4, dtype=dtype) for _ in range(3))  # 5 keys: U's bucket of 8 pads 3
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=dtype) for _ in range(3))
     mask = _masks(dtype, big)[0][None, None].expand(2, 1, 5, 5).clone()
     mask[..., 1] = float("-inf")  # rows 0, 2, 4: every kept key biased by big, two keys masked
     mask[1, ..., 3] = float("-inf")
@@ -128,7 +143,7 @@ def test_hf_kernel_masked_keys_take_no_part_at_any_bias(seed, dtype, big):
 def test_drop_in_fully_masked_item_trains_as_sdpa(seed):
     mha = nn.MultiheadAttention(8, 2, batch_first=True)
     nn.init.normal_(mha.out_proj.bias)
-    sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=6).train()
+    sim = SimulatedMultiheadAttention.from_torch(mha).train()
     x = torch.randn(3, 5, 8)
     padding = torch.zeros(3, 5, dtype=torch.bool)
     padding[1] = True  # every key of item 1
@@ -151,7 +166,7 @@ def test_drop_in_fully_masked_item_trains_as_sdpa(seed):
 def test_simulate_layers_fully_padded_item(seed):
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
     encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
-    sim = usim.simulate_layers(encoder, seq_len=5)
+    sim = usim.simulate_layers(encoder)
     x = torch.randn(3, 5, 8)
     padding = torch.zeros(3, 5, dtype=torch.bool)
     padding[0] = True  # item 0: every token is padding
@@ -174,7 +189,7 @@ def test_simulate_bert_layers_fully_padded_item(seed):
     model = transformers.BertModel(config).eval()
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]])  # item 1: all padding
     ids = torch.randint(1, 50, mask.shape)
-    sim = simulate_bert_layers(model, seq_len=5).train()
+    sim = simulate_bert_layers(model).train()
     out = sim(input_ids=ids, attention_mask=mask).last_hidden_state
     assert out.isfinite().all(), seed
     with torch.no_grad():  # the padded item: attention weights 0, so the attention output is the dense bias
