@@ -47,3 +47,13 @@ def within_torch(op, args, ref, torch_result, dtype, context=(), factor: float =
     torch_err = (torch_result.double() - ref).abs().max().item()
     assert err <= factor * torch_err + ulp_floor(ref, dtype), (*context, err, torch_err)
     return ours
+
+
+def node_seed(request) -> int:
+    """A seed derived from the test's node id (the same test draws the same inputs on every run),
+    seeded into torch; tests put it in their failure messages."""
+    import zlib
+
+    value = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(value)
+    return value

@@ -146,7 +146,7 @@ def test_module_habits(seed):
     assert torch.equal(built_in_inference(x, a, v), y), seed
     with pytest.raises(ValueError, match="float32 or float64"):
         u(x.half(), a.half(), v.half())
-    assert "\n" not in repr(u) and "depth=12" in repr(u)
+    assert "\n" not in repr(u) and "depth=11" in repr(u)
     sim = SimulatedMultiheadAttention(8, 2, seq_len=3)
     assert len(repr(sim).splitlines()) == len(repr(nn.MultiheadAttention(8, 2)).splitlines()) + 1
     x = torch.randn(3, 1, 8)
@@ -200,15 +200,19 @@ def test_cross_attention_and_attn_mask_as_mha(seed, mask_kind):
     torch.testing.assert_close(ours_w.double(), expected_w, rtol=1e-5, atol=1e-6, msg=f"seed {seed}")
 
 
-def test_fully_masked_row_gives_what_mha_gives():
+def test_fully_masked_row_gives_what_sdpa_gives():
+    # nn.MultiheadAttention's need_weights=False path (scaled_dot_product_attention): weights 0, out_proj's bias
     mha = nn.MultiheadAttention(4, 2)
+    nn.init.normal_(mha.out_proj.bias)
     sim = SimulatedMultiheadAttention.from_torch(mha, seq_len=3)
     x = torch.randn(3, 1, 4)
     mask = torch.zeros(3, 3, dtype=torch.bool)
     mask[1] = True
-    theirs, ours = mha(x, x, x, attn_mask=mask)[0], sim(x, x, x, attn_mask=mask)[0]
-    assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours[1]).all()
-    torch.testing.assert_close(ours[[0, 2]], theirs[[0, 2]], rtol=1e-4, atol=1e-5)
+    theirs = mha(x, x, x, attn_mask=mask, need_weights=False)[0]
+    ours, weights = sim(x, x, x, attn_mask=mask)
+    assert torch.isfinite(theirs).all() and torch.equal(weights[:, 1], torch.zeros(1, 3))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours[1, 0], mha.out_proj.bias)
 
 
 def test_torch_compile_threads_and_a_run_path_without_host_syncs(seed):

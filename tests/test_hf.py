@@ -132,9 +132,10 @@ def test_masks_without_transformers_builder(seed):
     torch.testing.assert_close(out, (probs @ v).transpose(1, 2), msg=f"seed {seed}")
     assert torch.equal(usim_attention_forward(module, q, k, v, causal[None, None], scaling=0.5)[1], weights)
     additive = torch.zeros(1, 1, 4, 6).masked_fill(~causal, float("-inf"))
-    additive[..., 0, :] = float("-inf")  # a row masked by -inf: NaN, as eager
-    out = usim_attention_forward(nn.Module(), q, k, v, additive, scaling=0.5)[0]
-    assert torch.isnan(out[:, 0]).all() and torch.isfinite(out[:, 1:]).all(), seed
+    additive[..., 0, :] = float("-inf")  # a row masked by -inf: weights 0, as sdpa (eager: NaN)
+    out, weights = usim_attention_forward(nn.Module(), q, k, v, additive, scaling=0.5)
+    assert torch.equal(out[:, 0], torch.zeros(1, 2, 8)) and torch.equal(weights[:, :, 0], torch.zeros(1, 2, 6)), seed
+    assert torch.isfinite(out).all(), seed
 
 
 def test_gradients_equal_eager(seed):

@@ -78,8 +78,13 @@ def test_key_padding_mask(seed):
     mask = torch.tensor([[False, True, False, False], [False, False, False, True], [True, True, True, False]])
     torch.testing.assert_close(u(x, a, v, key_padding_mask=mask), reference(x, a, v, keep=~mask),
                                rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
-    with pytest.raises(ValueError, match="every key"):
-        u(x, a, v, key_padding_mask=torch.ones(3, 4, dtype=torch.bool))
+    # an item whose every key is masked has weights 0 (as torch's scaled_dot_product_attention): y = 0
+    full = mask.clone()
+    full[1] = True
+    y, p = u.attention(x, a, v, key_padding_mask=full)
+    assert torch.equal(y[1], torch.zeros(4, 2, dtype=torch.float64)) and torch.equal(p[1], torch.zeros(1, 4, 4,
+                                                                                                       dtype=torch.float64))
+    torch.testing.assert_close(y[[0, 2]], reference(x, a, v, keep=~mask)[[0, 2]], rtol=1e-12, atol=1e-12)
 
 
 def test_universality_by_padding(seed):
@@ -240,11 +245,13 @@ def test_factored_cross_attention_and_attention_masks(seed):
         y, p = u.attention(x, wq, wk, wv, wo, key=key, value=value, key_padding_mask=padding, attn_mask=mask, bo=bo)
         torch.testing.assert_close(y, (weights @ v @ wo).sum(1) + bo, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
         torch.testing.assert_close(p, weights, rtol=1e-12, atol=1e-14, msg=f"seed {seed}")
-    # a row whose every score is left out gives NaN there, as nn.MultiheadAttention does
+    # a row whose every score is left out has weights 0 (as scaled_dot_product_attention): y = b_O there
     full = torch.zeros(3, 5, dtype=torch.bool)
     full[1] = True
-    y = u(x, wq, wk, wv, wo, key=key, value=value, attn_mask=full)
-    assert torch.isnan(y[:, 1]).all() and torch.isfinite(y[:, [0, 2]]).all(), seed
+    y, p = u.attention(x, wq, wk, wv, wo, key=key, value=value, attn_mask=full, bo=bo)
+    assert torch.equal(p[:, :, 1], torch.zeros(2, 2, 5, dtype=dt)), seed
+    torch.testing.assert_close(y[:, 1], bo.expand(2, 4), rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    assert torch.isfinite(y).all(), seed
     with pytest.raises(ValueError, match="attn_mask must be"):
         u(x, wq, wk, wv, wo, key=key, value=value, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="same length"):

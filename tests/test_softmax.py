@@ -129,13 +129,14 @@ def test_key_mask(seed, dtype):
     softmax_layers(b, ("x", "value"), ("y", b.slot("out")), tag="masked.", key_valid=("keep", "value"))
     b.result("y", "out")
     encoder = b.build()
-    assert encoder.depth == 4
+    assert encoder.depth == 5
     keep = torch.rand(6, m) < 0.6
     keep[torch.arange(6), torch.randint(0, m, (6,))] = True
     keep[0] = torch.tensor([False, False, True, False, False])
     x = torch.randn(6, n, m, dtype=dtype) * 10
     x[1] = x[1].masked_fill(~keep[1], torch.finfo(dtype).max)
     x[2] = x[2].masked_fill(~keep[2], -torch.finfo(dtype).max)
+    x[3] = x[3].masked_fill(keep[3], -torch.finfo(dtype).max)  # every kept logit the dtype's minimum
     seen = []
     encoder.layers[-1].hook_resid.register_forward_hook(lambda mod, i, out: seen.append(out))
     ours = layout.unpack(encoder(layout.pack(x, keep.to(dtype))))

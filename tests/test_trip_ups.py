@@ -215,10 +215,15 @@ def test_nan_and_inf_reach_the_outputs_they_reach_in_mha(seed):
                  "value only": (x, x, poisoned), "padded": (poisoned[:, :4],) * 3}
         for name, args in cases.items():
             for kwargs in ({}, {"key_padding_mask": mask[:, : args[1].shape[1]]}):
-                if name == "key only" and kwargs:
-                    continue  # a masked key's score takes no part here (README), in MHA it makes the row NaN
                 want, want_w = mha(*args, **kwargs)
                 got, got_w = sim(*args, **kwargs)
+                if kwargs and args[1] is not x:  # the poisoned token is a masked key: its score takes no part
+                    #  here (in MHA it makes every row NaN); only its value reaches the rows (0 * NaN)
+                    rows = [False, args[0] is not x] + [False] * (args[0].shape[1] - 2)
+                    assert got_w[0].isnan().any(-1).tolist() == rows, (name, bad, seed)
+                    if args[2] is not x:
+                        _same_nan(got, want, (name, bad, kwargs, seed))
+                    continue
                 _same_nan(got, want, (name, bad, kwargs, seed))
                 _same_nan(got_w, want_w, (name, bad, kwargs, seed))
         scores = torch.zeros(5, 5)

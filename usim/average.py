@@ -51,8 +51,9 @@ def ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 def dense_ordered_sum(keep: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """keep (B, Q, L) 0/1 over all keys and values (B, L, J) -> (B, Q, J), as ``ordered_sum``."""
     width = int(keep.sum(-1).max()) if keep.numel() else 0
-    if width <= 1:  # at most one kept key: the product is that value, exactly
-        return keep @ values
+    if width <= 1:  # at most one kept key: that value (the keys not kept take no part, NaN and inf too)
+        index = keep.argmax(-1, keepdim=True).expand(*keep.shape[:-1], values.shape[-1])  # (B, Q, J)
+        return torch.where(keep.any(-1, keepdim=True), values.gather(1, index), values.new_zeros(()))
     order = (keep != 0).to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :width]  # (B, Q, K)
     kept = keep.gather(-1, order)
     batch = torch.arange(values.shape[0], device=values.device)[:, None, None]

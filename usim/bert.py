@@ -45,7 +45,7 @@ from torch import nn
 from usim.engine import EXECUTIONS
 from usim.mha import SimulatedMultiheadAttention, _Shared
 from usim.ops.base import check_size
-from usim.transformer import additive_mask, fold_weights, shared_layer
+from usim.transformer import additive_mask, fold_weights, own_forward, shared_layer
 
 __all__ = ["SimulatedBertAttention", "SimulatedBertLayer", "bert_attention_to_mha", "simulate_bert_attention",
            "simulate_bert_layers"]
@@ -145,20 +145,35 @@ def simulate_bert_attention(model: nn.Module, seq_len: int | None = None, *, inp
 
     Raises ValueError if the model holds no such block, or later, in forward, for a longer input.
     """
+    _check_model(model, seq_len)
     return _replace(model if inplace else copy.deepcopy(model), _is_bert_attention,
                     lambda child: SimulatedBertAttention(child, seq_len, execution=execution),
                     "BERT self-attention block (with .self.query/key/value and .output.dense/LayerNorm)")
 
 
-def _replace(model: nn.Module, found, make, what: str) -> nn.Module:
-    """model with every submodule for which ``found`` holds replaced by ``make(submodule)``
-    (ValueError naming ``what`` if there is none)."""
-    hits = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-            if found(child)]
+def _check_model(model, seq_len) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a BERT model, or a model holding one), got "
+                        f"{type(model).__name__}")
+    if seq_len is not None:
+        check_size("seq_len", seq_len)
+
+
+def _replace(model: nn.Module, found, make, what: str, check=None) -> nn.Module:
+    """model with every submodule for which ``found`` holds replaced by ``make(submodule)``, one
+    replacement per submodule however many names or parents reach it (ValueError naming ``what`` if
+    there is none; ``check(submodule)`` runs on every one before anything is replaced)."""
+    hits = [(parent, name, child) for parent in model.modules() for name, child in list(parent._modules.items())
+            if child is not None and found(child)]
     if not hits:
         raise ValueError(f"no {what} found in {type(model).__name__}")
+    for _, _, child in hits if check is not None else ():
+        check(child)
+    made: dict = {}
     for parent, name, child in hits:
-        setattr(parent, name, make(child))
+        if id(child) not in made:
+            made[id(child)] = make(child)
+        setattr(parent, name, made[id(child)])
     return model
 
 
@@ -174,6 +189,10 @@ def bert_activation(fn) -> str:
     """The declared activation of a BERT intermediate activation (transformers' ACT2FN modules, by
     class name): ValueError for any other."""
     name = type(fn).__name__
+    for base in (nn.GELU, nn.ReLU):
+        if own_forward(fn, base):
+            raise ValueError(f"the intermediate activation {type(fn).__qualname__} is a subclass of "
+                             f"nn.{base.__name__} with its own forward: not simulated (its computation may differ)")
     if name == "GELUActivation":
         return "gelu"
     if name in ("NewGELUActivation", "GELUTanh", "PytorchGELUTanh", "FastGELUActivation") or \
@@ -259,13 +278,17 @@ class SimulatedBertLayer(nn.Module):
 def simulate_bert_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
                          execution: str = "fast") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT encoder layer replaced by a
-    :class:`SimulatedBertLayer` (any length; ``seq_len``, optional, is planned ahead): attention, residuals,
-    LayerNorms and feed-forward all computed by constructed encoders (one per distinct size).
+    :class:`SimulatedBertLayer` (any length; ``seq_len``, optional, is planned ahead): attention,
+    residuals, LayerNorms and feed-forward all computed by constructed encoders. Each drop-in holds
+    the layer's own modules, so its Parameters stay the model's (frozen ones frozen; with
+    ``inplace`` an optimizer built before still trains the model); a layer reached under several
+    names becomes one drop-in.
 
-    Raises ValueError if the model holds no BERT layer.
+    Raises TypeError if model is not an nn.Module; ValueError if it holds no BERT layer, or one whose
+    activation is not computed (checked before anything is replaced).
     """
-    if seq_len is not None:
-        check_size("seq_len", seq_len)
+    _check_model(model, seq_len)
     return _replace(model if inplace else copy.deepcopy(model), _is_bert_layer,
                     lambda child: SimulatedBertLayer(child, seq_len, execution=execution),
-                    "BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm)")
+                    "BERT layer (with .attention, .intermediate.dense and .output.dense/LayerNorm)",
+                    check=lambda child: bert_activation(child.intermediate.intermediate_act_fn))

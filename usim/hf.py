@@ -14,11 +14,14 @@ RoPE, caches and norms stay torch's; U computes, per call,
     attn_output = softmax(scaling * Q K^T + mask) V,   attn_weights = that softmax (after dropout)
 
 from query (B, H, L, D) and key, value (B, G, S, D) (grouped-query heads read their group's K, V).
-The mask, as transformers builds it (B, 1 or H, L, S), additive float: entries <= finfo.min / 2 (or
--inf) become ignore flags, finite ones a score bias; bool: True = attend. A row whose every key is
-masked gives what eager gives: the average of all values when masked by the dtype's minimum (eager's
-scores all round to it; U's row gets scaling 0 and bias 0), NaN when masked by -inf or a bool mask. No mask with a causal module (``is_causal``): key j is kept for
-query i when j <= i + S - L (the queries are the last L positions).
+The mask, as transformers builds it (B, 1 or H, L, S), additive float: -inf entries become ignore
+flags, finite ones (the dtype's minimum too) a score bias added as eager adds it; bool: True =
+attend. An ignored key has weight exactly 0 whatever the kept scores are. A row whose every key is
+masked by the dtype's minimum gives what eager gives (every score rounds to that minimum: the
+average of all values); a row whose every key is ignored (-inf, a bool mask) has weights 0 and
+output 0, as in torch's scaled_dot_product_attention (eager gives NaN there). No mask with a causal
+module (``is_causal``): key j is kept for query i when j <= i + S - L (the queries are the last L
+positions). Dropout in training mode as eager's: p = 1 gives weights 0, as F.dropout.
 
 One universal core (``AttentionCore()``, its weights the same for every size) serves every layer,
 every model and every call: each call shape (L, S, H, G, D) gets its layout and plans once, so a
@@ -69,27 +72,26 @@ def clear_cache() -> None:
 
 
 def _score_inputs(mask, module, kwargs, length: int, source: int, dtype, device):
-    """(row scaling factor, ignore flags, bias) for the scores, (B or 1, H or 1, L, S) (or None: no
-    mask). A row whose every entry is masked by a finite minimum gets factor 0 and bias 0: eager's
-    scores there all round to that minimum, so its softmax is uniform over the keys, and so is ours."""
+    """(ignore flags, bias) for the scores, (B or 1, H or 1, L, S) (or None: no mask). A float mask's
+    -inf entries (after the cast to dtype) are ignore flags, its finite entries the bias."""
     if mask is None:
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", False) if causal is None else causal
         if not causal or length == 1:
-            return 1.0, None, None
+            return None, None
         i, j = torch.arange(length, device=device)[:, None], torch.arange(source, device=device)[None, :]
-        return 1.0, j > i + source - length, None
+        return j > i + source - length, None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != length or mask.shape[-1] < source:
         raise ValueError(f"attention_mask must be a tensor (B, 1 or heads, {length}, {source}), "
                          f"got {tuple(getattr(mask, 'shape', ())) or type(mask).__name__}")
     mask = mask[..., :source]
-    if mask.dtype == torch.bool:  # True = attend; a fully masked row gives NaN, as -inf in eager
-        return 1.0, ~mask, None
+    if mask.dtype == torch.bool:  # True = attend
+        return ~mask, None
     if not mask.is_floating_point():
         raise ValueError(f"attention_mask must be float (additive) or bool, got {mask.dtype}")
-    blocked = mask <= torch.finfo(mask.dtype).min / 2  # -inf too: left out of the row's max and sum
-    uniform = (blocked & torch.isfinite(mask)).all(-1, keepdim=True)  # eager: every score == the minimum
-    return (~uniform).to(dtype), blocked & ~uniform, mask.masked_fill(blocked, 0).to(dtype)
+    bias = mask.to(dtype)
+    ignore = bias == float("-inf")  # left out of the row's max and sum; finite entries are added
+    return ignore, bias.masked_fill(ignore, 0)
 
 
 def usim_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -106,14 +108,16 @@ def usim_attention_forward(module, query, key, value, attention_mask, scaling=No
         raise ValueError(f"query must be (B, H, L, D) and key, value (B, G, S, D) with G dividing H, got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
     (_, heads, length, head_dim), (_, kv_heads, source, _) = query.shape, key.shape
-    factor, ignore, bias = _score_inputs(attention_mask, module, kwargs, length, source, query.dtype, query.device)
+    ignore, bias = _score_inputs(attention_mask, module, kwargs, length, source, query.dtype, query.device)
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {dropout}")
     scale = None
     if dropout and module.training:  # as eager: dropout on the weights, the kept ones scaled by 1 / (1 - p)
         keep = torch.rand(query.shape[0], heads, length, source, device=query.device) >= dropout
-        scale = keep.to(query.dtype) / (1 - dropout)
+        scale = keep.to(query.dtype) / (1 - dropout) if dropout < 1 else torch.zeros_like(keep, dtype=query.dtype)
     sim = core()
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out, weights = sim.attention(query, key, value, scaling=factor * scaling, ignore=ignore, bias=bias,
+    out, weights = sim.attention(query, key, value, scaling=scaling, ignore=ignore, bias=bias,
                                  weight_scale=scale)
     return out.transpose(1, 2).contiguous(), weights
 

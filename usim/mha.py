@@ -101,7 +101,9 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
 
     NaN and inf in the inputs are not refused: they reach the outputs they reach in
     nn.MultiheadAttention (no host sync looks for them), except that a masked key's score takes no
-    part at all, whatever it is.
+    part at all, whatever it is. A row whose every key is masked has weights 0 and outputs
+    out_proj's bias, as scaled_dot_product_attention (nn.MultiheadAttention with need_weights=False)
+    gives (docs/masking.md).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, seq_len: int | None = None, bias: bool = True,

@@ -69,7 +69,7 @@ U_FACTORED_STAGES = {"s": "S_h = Q_h·K_hᵀ"}
 U_STEPS = {
     "a": "fetch operands", "b": "fetch operands", "term": "multiply", "mean": "sum", "out": "sum",
     "x": "fetch entries", "max": "row maximum", "e": "exp(S − max)", "r": "1 / row sum", "p": "e · (1 / sum)",
-    "drop": "masked keys",
+    "drop": "masked keys", "exp": "exp(S − max)", "full": "fully masked rows",
 }
 
 

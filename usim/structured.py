@@ -322,6 +322,9 @@ class _Run:
         means = []
         count = math.prod([h - l for _, l, h in sel.free])
         for v in values:
+            if v is None:  # a value row this head leaves empty (another head of its layer moves more)
+                means.append(None)
+                continue
             if free == 0:
                 mean = v
             elif keep is None:  # every candidate kept: the tree over the box in key order

@@ -50,9 +50,19 @@ def shared_layer(activation: str, norm_first: bool) -> EncoderLayerSimulator:
         return simulator
 
 
+def own_forward(module: nn.Module, base: type) -> bool:
+    """Whether module is a subclass of base with a forward of its own (its computation may differ)."""
+    return isinstance(module, base) and type(module).forward is not base.forward
+
+
 def activation_name(activation) -> str:
     """"relu", "gelu" or "gelu_tanh" for the activations nn.TransformerEncoderLayer may hold
-    (the strings "relu" / "gelu", F.relu, F.gelu, nn.ReLU, nn.GELU); ValueError for anything else."""
+    (the strings "relu" / "gelu", F.relu, F.gelu, nn.ReLU, nn.GELU); ValueError for anything else,
+    a subclass of nn.ReLU or nn.GELU with its own forward included (named)."""
+    for base in (nn.ReLU, nn.GELU):
+        if own_forward(activation, base):
+            raise ValueError(f"activation {type(activation).__qualname__} is a subclass of nn.{base.__name__} with "
+                             "its own forward: not simulated (its computation may differ)")
     if activation in ("relu", F.relu) or isinstance(activation, nn.ReLU):
         return "relu"
     if activation in ("gelu", F.gelu):
@@ -116,28 +126,29 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
         return _Shared((self._activation, bool(self.norm_first)), shared_layer)
 
     @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int | None = None,
-                   execution: str = "fast") -> "SimulatedTransformerEncoderLayer":
-        """The drop-in with the weights, options and mode of an ``nn.TransformerEncoderLayer``."""
-        if not isinstance(layer, nn.TransformerEncoderLayer):
-            raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(layer).__name__}")
+    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int | None = None, execution: str = "fast", *,
+                   share: bool = False) -> "SimulatedTransformerEncoderLayer":
+        """The drop-in with the weights, options and mode of an ``nn.TransformerEncoderLayer``: a copy
+        of its weights (with their ``requires_grad``), or with ``share=True`` its very submodules
+        (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``, the dropouts), so its
+        Parameters stay the model's: tied, frozen and known to optimizers built before."""
+        check_layer(layer)
         mha = layer.self_attn
-        unsupported = [name for name, bad in (
-            ("add_bias_kv", mha.bias_k is not None), ("add_zero_attn", mha.add_zero_attn),
-            ("kdim/vdim != d_model", not mha._qkv_same_embed_dim),
-            ("norm1.eps != norm2.eps", layer.norm1.eps != layer.norm2.eps),
-            ("LayerNorm without elementwise_affine", not (layer.norm1.elementwise_affine and
-                                                         layer.norm2.elementwise_affine))) if bad]
-        if unsupported:
-            raise ValueError(f"unsupported options of this nn.TransformerEncoderLayer: {', '.join(unsupported)}")
         p = layer.linear1.weight
         sim = cls(mha.embed_dim, mha.num_heads, seq_len, layer.linear1.out_features, layer.dropout.p,
                   layer.activation, layer.norm1.eps, mha.batch_first, layer.norm_first,
                   bias=mha.in_proj_bias is not None, device=p.device, dtype=p.dtype, execution=execution)
+        if share:
+            for name in HOLDERS:
+                setattr(sim, name, getattr(layer, name))
+            return sim.train(layer.training)
         for name in ("dropout", "dropout1", "dropout2"):
             getattr(sim, name).p = getattr(layer, name).p
         sim.self_attn.dropout = mha.dropout
         sim.load_state_dict(layer.state_dict(), strict=True)
+        theirs = dict(layer.named_parameters())
+        for name, param in sim.named_parameters():
+            param.requires_grad_(theirs[name].requires_grad)
         return sim.train(layer.training)
 
     def folded(self, dtype=torch.float64) -> list[torch.Tensor]:
@@ -177,6 +188,31 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
         out = self.simulator(x, *(w.to(x.device) for w in self.folded(x.dtype)), attn_mask=mask, eps=self._eps,
                              execution=self.execution)
         return out[0] if unbatched else (out if self.batch_first else out.transpose(0, 1))
+
+
+# the submodules holding a layer's parameters and dropout rates (shared with the replaced layer)
+HOLDERS = ("self_attn", "linear1", "dropout", "linear2", "norm1", "norm2", "dropout1", "dropout2")
+
+
+def check_layer(layer) -> None:
+    """TypeError unless an nn.TransformerEncoderLayer; ValueError naming what the drop-in does not
+    compute: a subclass with its own forward, an unsupported activation or option."""
+    if not isinstance(layer, nn.TransformerEncoderLayer):
+        raise TypeError(f"expected nn.TransformerEncoderLayer, got {type(layer).__name__}")
+    if own_forward(layer, nn.TransformerEncoderLayer):
+        raise ValueError(f"{type(layer).__qualname__} is a subclass of nn.TransformerEncoderLayer with its own "
+                         "forward: not simulated (its computation may differ)")
+    activation_name(layer.activation)
+    mha = layer.self_attn
+    unsupported = [name for name, bad in (
+        ("add_bias_kv", mha.bias_k is not None), ("add_zero_attn", mha.add_zero_attn),
+        ("kdim/vdim != d_model", not mha._qkv_same_embed_dim),
+        ("self_attn with its own forward", own_forward(mha, nn.MultiheadAttention)),
+        ("norm1.eps != norm2.eps", layer.norm1.eps != layer.norm2.eps),
+        ("LayerNorm without elementwise_affine", not (layer.norm1.elementwise_affine and
+                                                     layer.norm2.elementwise_affine))) if bad]
+    if unsupported:
+        raise ValueError(f"unsupported options of this nn.TransformerEncoderLayer: {', '.join(unsupported)}")
 
 
 def fold_weights(heads: int, q, k, v, out, norm1, linear1, linear2, norm2, dtype=torch.float64) -> list[torch.Tensor]:
@@ -231,21 +267,42 @@ def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bo
     """The model with every ``nn.TransformerEncoderLayer`` replaced by the equivalent
     ``SimulatedTransformerEncoderLayer`` (same weights; ``seq_len``, optional, is planned ahead).
 
-    A deep copy unless ``inplace``. ``nn.TransformerEncoder``'s nested-tensor path is switched off
-    (it would bypass the layers). ValueError if the model holds no such layer."""
+    The rules of ``usim.simulate_attention``: a deep copy unless ``inplace``; each drop-in holds the
+    replaced layer's own submodules, so its Parameters stay the model's (tied ones tied, frozen ones
+    frozen, and with ``inplace`` an optimizer built before still trains the model); a layer reached
+    under several names or from several parents becomes one drop-in. ``nn.TransformerEncoder``'s
+    nested-tensor path is switched off (it would bypass the layers). Checked before anything is
+    replaced: ValueError if the model holds no such layer, or one the drop-in does not compute (a
+    subclass with its own forward, its activation's too, or an unsupported option), naming it;
+    TypeError for a TorchScript module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if seq_len is not None:
         check_size("seq_len", seq_len)
-    if isinstance(model, nn.TransformerEncoderLayer):
-        return SimulatedTransformerEncoderLayer.from_torch(model, seq_len, execution=execution)
-    if not any(isinstance(m, nn.TransformerEncoderLayer) for m in model.modules()):
+    found = 0
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, torch.jit.ScriptModule):
+            raise TypeError(f"{path or 'the model'} is a TorchScript module ({type(module).__name__}): its layers "
+                            "cannot be replaced; pass the eager model")
+        if isinstance(module, nn.TransformerEncoderLayer):
+            try:
+                check_layer(module)
+            except ValueError as e:
+                raise ValueError(f"{path or 'the model'}: {e}; nothing was replaced") from None
+            found += 1
+    if not found:
         raise ValueError(f"no nn.TransformerEncoderLayer found in {type(model).__name__}")
     model = model if inplace else copy.deepcopy(model)
+    if isinstance(model, nn.TransformerEncoderLayer):
+        return SimulatedTransformerEncoderLayer.from_torch(model, seq_len, execution=execution, share=True)
+    drop_ins: dict = {}  # id of the replaced layer -> its drop-in (one per layer, however reached)
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
+        for name, child in list(module._modules.items()):  # every name: named_children() skips aliases
             if isinstance(child, nn.TransformerEncoderLayer):
-                setattr(module, name, SimulatedTransformerEncoderLayer.from_torch(child, seq_len, execution=execution))
+                if id(child) not in drop_ins:
+                    drop_ins[id(child)] = SimulatedTransformerEncoderLayer.from_torch(child, seq_len,
+                                                                                      execution=execution, share=True)
+                setattr(module, name, drop_ins[id(child)])
         if getattr(module, "use_nested_tensor", False):
             module.use_nested_tensor = False
     return model

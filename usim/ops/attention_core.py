@@ -13,14 +13,13 @@ g = h // (H / G): multi-head G = H, grouped-query 1 < G < H, multi-query G = 1):
     O_h = W_h V_g                           (n x r; m terms per entry)
 
 with Q_h (n, r), K_g, V_g (m, r) and scaling_h (n, 1), one factor per row (usually all the same
-number; usim/hf.py sets 0 in a row whose every score is masked by a finite minimum, where eager's
-scores all round to that minimum). The scaling is an input multiplied in by its own stage, so Z_h is
+number). The scaling is an input multiplied in by its own stage, so Z_h is
 the arithmetic of eager attention, fl(fl(S * scaling) + bias), not a rescaled Q.
 The outputs are O_h and W_h (the attention weights, as eager attention returns them).
 
 Built by ``usim.ops.pipeline`` (one token per product term): S is a matmul stage of 2 layers, Z
-another (term = S[i, j] * scaling[i]; the addend head brings bias[i, j]), the softmax 7 layers (with
-per-entry ignore flags and the scale multiplier), O 2 layers: depth 13. Each query head costs
+another (term = S[i, j] * scaling[i]; the addend head brings bias[i, j]), the softmax 6 layers (with
+per-entry ignore flags and the scale multiplier), O 2 layers: depth 12. Each query head costs
 2 * n * m * r + n * m product terms (its inputs: n * r + n * (3 m + 1) tokens). Grouped-query heads read their group's K and V blocks by
 address: the term tokens of head h name block k{g}, so nothing is copied and K, V are packed once.
 """
@@ -75,8 +74,9 @@ class AttentionCore(Construction):
     bitwise). A sized core pads smaller problems (universality by padding): padded keys are ignored,
     padded query rows and head features dropped. Non-finite inputs are not checked: they propagate as in eager
     attention (a NaN score makes its row NaN; a row whose every kept score is -inf gives NaN). An
-    ignore flag subtracts 1e30 (usim.ops.softmax.MASKED) from its score before exp, so a row whose
-    kept scores all lie below about -1e30 is out of range (hf.py never makes one).
+    ignored score takes part in no arithmetic: its weight is exactly 0 whatever it is and whatever
+    the kept scores are (the dtype's minimum too); a row whose every score is ignored has weights 0,
+    as in torch's scaled_dot_product_attention.
     """
 
     def __init__(self, n: int | None = None, m: int | None = None, heads: int | None = None,
@@ -160,10 +160,9 @@ class AttentionCore(Construction):
         except RuntimeError:
             raise ValueError(f"ignore, bias and weight_scale must broadcast to (..., {heads}, {n_in}, {m_in}), got "
                              f"{[tuple(t.shape) for t in (ignore, bias, scale)]}") from None
-        # padded keys are ignored (their bias the dtype's minimum, so exp(bias - max) is 0 even in a
-        # row whose kept scores are all that minimum); padded query rows keep every real key
+        # padded keys are ignored; padded query rows keep every real key
         ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
-        bias = F.pad(F.pad(bias, (0, m - m_in), value=torch.finfo(dtype).min), (0, 0, 0, n - n_in))
+        bias = F.pad(bias, (0, m - m_in, 0, n - n_in))
         scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=1.0)
         scaling = F.pad(scaling, (0, 0, 0, n - n_in))
         arrays = {}

@@ -33,11 +33,18 @@ total = keys * mean (``keys``: the positional feature m at the softmax tokens, 1
 r = 1 / total; then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
 a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
 softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
-elsewhere keeps a key and stays finite. The maximum is then taken over the kept keys; the first
-layer's FFN makes excess = relu(s - max), a second over = excess * drop (a masked key's excess over
-the kept maximum, 0 for a kept key) and a third e = exp(s - max - over - MASKED * drop): exactly 0
-for a masked key whatever its score (s - max - over <= 0; a score of -inf too), s - max for a kept
-one: six layers. (A masked key's score of +inf or NaN makes its row NaN, as in torch.)
+elsewhere keeps a key. A masked key's score then takes part in no arithmetic at all, whatever it
+is (huge, -inf, NaN; the kept scores as low as the dtype allows):
+
+    layer 1  heads: max = the largest kept score of the row; x = the token's own score if its key
+             is kept, else the score of the nearest kept key of its row (selections, so x <= max
+             and both are kept scores), and full = that key's flag (1 only in a row whose every
+             key is masked);  FFN exp: e0 = exp(x - max) in [0, 1]
+    layer 2  FFN bilinear: e = e0 * (1 - drop), exactly 0 for a masked key
+    layers 3-5  as above, with r = 1 / (total + full): a fully masked row has e = 0, r = 1
+
+so masked keys get weight exactly 0 and a row whose every key is masked gets weights 0 (torch's
+scaled_dot_product_attention does the same), with finite gradients. Five layers.
 
 A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
 biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
@@ -73,7 +80,6 @@ from usim.activations import ZERO_AT_ZERO
 from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
 from usim.progress import track
-from usim.ops.softmax import MASKED
 
 ADDRESS = ("block", "row", "col")
 MIXING = "a fetch may mix only 'value', one matmul output and one layernorm output"
@@ -373,26 +379,28 @@ class Pipeline:
         top, e, mean, total, r, p = (b.slot(f"{tag}{s}") for s in ("max", "e", "mean", "total", "r", "p"))
         row = match({"block": "block", "row": "row"})
         heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top)], name=f"{tag}max")]
+        norm = {total: 1.0}  # the row sum (+ 1 in a fully masked row)
         if keep is None:
             b.layer(heads, FFN("exp", [Unit({src: 1.0, top: -1.0}, e)]))
-        else:  # over = relu(s - max) * drop: a masked key's excess over the kept maximum (0 for a kept
-            #      key), so s - max - over - MASKED * drop is -MASKED or less for a masked key whatever
-            #      its score (-inf too; +inf and NaN give NaN, as in torch) and s - max for a kept one
-            excess, over = b.slot(f"{tag}excess"), b.slot(f"{tag}over")
-            b.layer(heads, FFN("relu", [Unit({src: 1.0, top: -1.0}, excess)]))
-            b.layer(ffn=FFN("bilinear", [Unit(excess, over, gate="drop")]))
-            b.layer(ffn=FFN("exp", [Unit({src: 1.0, top: -1.0, over: -1.0, "drop": -MASKED}, e)]))
+        else:  # a masked key's score is never read: x is a kept key's score (x <= max), its weight
+            #      e0 * (1 - drop) is exactly 0, and a fully masked row (full = 1) divides 0 by 1
+            x, e0, full = b.slot(f"{tag}x"), b.slot(f"{tag}exp"), b.slot(f"{tag}full")
+            nearest = [({"col": 2.0}, {"col": 1.0}), ({ONE: -1.0}, {"col^2": 1.0})]  # -(col_k - col_q)^2 + const
+            heads.append(Head([row, *self._kept(keep), nearest], [(src, x), ("drop", full)], name=f"{tag}kept"))
+            b.layer(heads, FFN("exp", [Unit({x: 1.0, top: -1.0}, e0)]))
+            b.layer(ffn=FFN("bilinear", [Unit(e0, e, gate={ONE: 1.0, "drop": -1.0})]))
+            norm[full] = 1.0
         # the row sum m * mean (m the positional feature ``keys``), then its reciprocal
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
                 FFN("bilinear", [Unit(mean, total, gate="keys")]))
         if tag not in self.scales:
-            b.layer(ffn=FFN("reciprocal", [Unit(total, r)]))
+            b.layer(ffn=FFN("reciprocal", [Unit(norm, r)]))
             b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
             return
         multiplier, dropped = b.slot(f"{tag}scale"), b.slot(f"{tag}pd")
         fetch = Head([match({"block": "sc.block", "row": "kp.row", "col": "kp.col"})], [("value", multiplier)],
                      name=f"{tag}scale")
-        b.layer([fetch], FFN("reciprocal", [Unit(total, r)]))
+        b.layer([fetch], FFN("reciprocal", [Unit(norm, r)]))
         b.layer(ffn=FFN("bilinear", [Unit(e, p, gate=r)]))
         b.layer(ffn=FFN("bilinear", [Unit(p, dropped, gate=multiplier)]))
 

@@ -21,10 +21,11 @@ One encoder maps the packed sequence of its inputs to the attention output. Two 
 
 Both are built by ``usim.ops.pipeline``: every product term is a token of its own, a matmul stage
 is two layers (fetch the two operands and multiply; average the terms and scale back), the softmax
-three, and the stream width and head count do not grow with n, d or the number of heads. All
+five with masked keys (a masked key's score is never read: its weight is exactly 0, whatever the
+kept scores), and the stream width and head count do not grow with n, d or the number of heads. All
 routing between the steps is done by the encoder's own attention layers.
 
-Depth: (A, V) form 12 (17 with ffn_hidden); factored form 15. Activations: bilinear, exp,
+Depth: (A, V) form 11 (16 with ffn_hidden); factored form 14. Activations: bilinear, exp,
 reciprocal (+ relu). The weights are the same for every size of a form (the sizes are positional
 features and inputs: ``usim.ops.pipeline``), so ``UniversalSimulator()`` runs every size.
 """
@@ -126,9 +127,10 @@ def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in
                 finite: bool = True):
     """Per head (..., heads, n, m): the ignore flags (1 = left out of max and sum) and the score
     bias of a U built for n queries and m keys, from key_padding_mask (..., m_in) and attn_mask
-    ((n_in, m_in) or (..., heads, n_in, m_in), bool or float) for n_in queries and m_in keys; padded
-    keys are ignored (unless there are no keys at all), padded queries ignore only padded keys (their
-    rows stay finite). ``finite=False`` lets NaN and +inf of a float attn_mask into the bias."""
+    ((n_in, m_in) or (..., heads, n_in, m_in), bool or float) for n_in queries and m_in keys: True and
+    -inf are ignore flags, every finite value (the dtype's minimum too) a bias. Padded keys are
+    ignored, padded queries ignore only padded keys. ``finite=False`` lets NaN and +inf of a float
+    attn_mask into the bias."""
     ignore = torch.zeros(heads, n_in, m_in, dtype=torch.bool, device=x.device)
     bias = torch.zeros(heads, n_in, m_in, dtype=x.dtype, device=x.device)
     if key_padding_mask is not None:
@@ -149,14 +151,15 @@ def score_masks(x, heads: int, n: int, m: int, key_padding_mask, attn_mask, n_in
         elif attn_mask.is_floating_point():
             if finite and (torch.isnan(attn_mask).any() or (attn_mask == float("inf")).any()):
                 raise ValueError("a float attn_mask may hold finite values and -inf only")
+            attn_mask = attn_mask.to(x.dtype)  # a value below x's range is -inf: left out
             left_out = attn_mask == float("-inf")
             ignore = ignore | left_out
-            bias = bias + attn_mask.masked_fill(left_out, 0).to(x.dtype)
+            bias = bias + attn_mask.masked_fill(left_out, 0)
         else:
             raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
     ignore, bias = torch.broadcast_tensors(ignore, bias)
-    # padded queries ignore only padded keys (their rows stay finite); padded keys are ignored
-    ignore = F.pad(F.pad(ignore, (0, m - m_in), value=m_in > 0), (0, 0, 0, n - n_in), value=False)
+    # padded keys are ignored (with no keys at all, every row is fully masked: weights 0)
+    ignore = F.pad(F.pad(ignore, (0, m - m_in), value=True), (0, 0, 0, n - n_in), value=False)
     ignore[..., n_in:, :m_in] = False
     return ignore.to(x.dtype), F.pad(bias, (0, m - m_in, 0, n - n_in))
 
@@ -183,7 +186,8 @@ class UniversalSimulator(Construction):
     (A, V) form: weights = a, v, each (d, d) or (heads, d, d), optionally batched; with
     ``ffn_hidden`` also w1, w2, residual. Factored form (``head_dim=r``): weights = wq, wk, wv
     ((heads, d, r) or (d, r) for one head), wo ((heads, r, d) or (r, d)), and bo (d,) optional.
-    key_padding_mask (..., n) is True where a key (token of x) is ignored.
+    key_padding_mask (..., n) is True where a key (token of x) is ignored (an item whose every key is
+    ignored gets weights 0, as in torch's scaled_dot_product_attention).
 
     ``UniversalSimulator()`` (no sizes; ``form="av"``, ``"av_ffn"`` or ``"factored"``) runs every
     size: n, d, heads (and ffn_hidden, head_dim, kv_len, kdim, vdim) are read off the inputs, and
@@ -291,11 +295,11 @@ class UniversalSimulator(Construction):
 
         Factored form only: ``key`` (..., m, kdim) and ``value`` (..., m, vdim) for cross-attention
         (default: x), ``attn_mask`` (n, m) or (..., heads, n, m), bool (True = left out) or float
-        (added to the scores; -inf = left out); a row with every score left out gives NaN, as in
-        nn.MultiheadAttention. ``weight_scale`` (..., heads, n, m) multiplies the softmax weights
-        entry by entry before they weight the values (dropout: its mask / (1 - p)); the returned
-        weights include it, as nn.MultiheadAttention's do. With no keys at all (m = 0) the output is
-        b_O, as nn.MultiheadAttention's. ``finite=False`` (factored form): NaN and infinite inputs (a
+        (added to the scores; -inf = left out); a row with every score left out has weights 0, as in
+        torch's scaled_dot_product_attention (its output is b_O). ``weight_scale`` (..., heads, n, m)
+        multiplies the softmax weights entry by entry before they weight the values (dropout: its
+        mask / (1 - p)); the returned weights include it, as nn.MultiheadAttention's do. With no keys
+        at all (m = 0) the output is b_O, as nn.MultiheadAttention's. ``finite=False`` (factored form): NaN and infinite inputs (a
         float attn_mask's too) are not refused but go through the encoder, as through
         nn.MultiheadAttention (no host sync looks for them). ``execution``: this call's (default:
         the module's)."""
@@ -350,8 +354,6 @@ class UniversalSimulator(Construction):
             raise TypeError(f"key_padding_mask must be a torch.Tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool or mask.shape[-1:] != (n_in,):
             raise ValueError(f"key_padding_mask must be bool (..., {n_in}), got {mask.dtype} {tuple(mask.shape)}")
-        if mask.all(-1).any():
-            raise ValueError("key_padding_mask masks every key of some item: the softmax is undefined")
         return F.pad(mask.to(x.dtype), (0, n - n_in), value=1.0)
 
     def _av_inputs(self, x, weights, d_in, d, heads, hidden, w1, w2, residual):
@@ -419,8 +421,7 @@ class UniversalSimulator(Construction):
                 raise ValueError(f"weight_scale must be (..., {heads}, {n_in}, {m_in}), "
                                  f"got {tuple(getattr(weight_scale, 'shape', ()))}")
             scale = scale * weight_scale.to(x.dtype)
-        # no keys at all: the padding keys are kept with weight multiplier 0, so the output is b_O
-        scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=float(m_in > 0))
+        scale = F.pad(scale, (0, m - m_in, 0, n - n_in), value=1.0)
         arrays = [F.pad(x, (0, d - d_in, 0, n - n_in)), F.pad(key, (0, kdim - k_in, 0, m - m_in)),
                   F.pad(value, (0, vdim - v_in, 0, m - m_in)), *wq.unbind(-3), *wk.unbind(-3), *wv.unbind(-3),
                   *wo.unbind(-3), F.pad(bo, (0, d - d_in)), torch.ones(1, dtype=x.dtype, device=x.device),

@@ -1,5 +1,5 @@
 """Row-wise Softmax (Lemma 3 of the paper). Activations: exp, reciprocal, bilinear.
-Depth 3, width max(2, m) for an n x m input (depth 4 with a key mask).
+Depth 3, width max(2, m) for an n x m input (depth 5 with a key mask).
 
     layer 1  heads: M = the row's maximum (hard attention: same block and row, then the largest
              value), x = the entry itself;  FFN exp: e = exp(x - M)
@@ -18,7 +18,8 @@ row sum >= 1 everywhere, and exp and reciprocal need no positional guard.
 
 With ``key_valid`` (a vector of m 0/1 flags, 1 = key kept) a first layer moves 1 - flag of each
 column into every token; the maximum is taken over kept keys only; a masked token takes a kept
-key's value as its x (so x - M <= 0 still) and exp(x - M - 1e30) = 0 is its weight.
+key's value as its x (so x - M <= 0 still, and a masked score is never read), and a layer after
+the exp multiplies by the flag: its weight is exactly 0, whatever the kept scores are.
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ from usim.construct import FFN, ONE, Builder, Head, Unit, match, maximize
 from usim.layout import Layout
 from usim.ops.base import Construction, check_size, register
 from usim.ops.relu import matrix_shape
-
-# exp(x - M - MASKED) == 0 in float32 and float64 for x - M <= 0.
-MASKED = 1e30
-
 
 def softmax_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: str,
                    key_valid: tuple[str, str] | None = None) -> None:
@@ -51,22 +48,26 @@ def softmax_layers(b: Builder, src: tuple[str, str], out: tuple[str, str], tag: 
     if key_valid is None:
         kept = []
         pick_col = match({"col": "col"})
-        exp_in = {x: 1.0, top: -1.0}
     else:
-        kept, pick_col, exp_in = _mask_layer(b, key_valid, m, tag, x, top)
+        kept, pick_col = _mask_layer(b, key_valid, m, tag)
     row_max = Head([block, same_row, *kept, maximize(src[1])], [(src[1], top)], name=f"{tag}max")
     entry = Head([block, same_row, pick_col, maximize(src[1])], [(src[1], x)], name=f"{tag}x")
-    b.layer([row_max, entry], FFN("exp", [Unit(exp_in, e)]))
+    if key_valid is None:
+        b.layer([row_max, entry], FFN("exp", [Unit({x: 1.0, top: -1.0}, e)]))
+    else:  # exp(x - M) in [0, 1], then times the key's flag: exactly 0 for a masked key
+        e0 = b.slot(f"{tag}exp")
+        b.layer([row_max, entry], FFN("exp", [Unit({x: 1.0, top: -1.0}, e0)]))
+        b.layer(ffn=FFN("bilinear", [Unit(e0, e, gate={ONE: 1.0, f"{tag}drop": -1.0})]))
     row = b.slots_named(f"{tag}e", m)
     gather = [Head([block, match({"row": "row", "col": j})], [(e, row[j])], name=f"{tag}e{j}") for j in range(m)]
     b.layer(gather, FFN("reciprocal", [Unit({s: 1.0 for s in row}, r)]))
     b.layer(ffn=FFN("bilinear", [Unit(e, out[1], gate=r)]))
 
 
-def _mask_layer(b: Builder, key_valid, m: int, tag: str, x: str, top: str):
+def _mask_layer(b: Builder, key_valid, m: int, tag: str):
     """The first layer of a masked softmax: slot ``tag + "drop"`` = 1 - key_valid[col] everywhere.
 
-    Returns the extra tier of the max head, the tier choosing x's column, and the exp argument."""
+    Returns the extra tier of the max head and the tier choosing x's column."""
     if b.layout[key_valid[0]].shape != (m,):
         raise ValueError(f"key_valid block {key_valid[0]!r} must have shape ({m},), got {b.layout[key_valid[0]].shape}")
     drop = b.slot(f"{tag}drop")
@@ -79,8 +80,7 @@ def _mask_layer(b: Builder, key_valid, m: int, tag: str, x: str, top: str):
     cols = int(b.layout.feature(lambda blk, i, c: c[:, -1]).max()) + 1
     big = float(2 * cols * m + m * m + 1)
     pick_col = [({"col": 2.0}, {"col": 1.0}), ({ONE: -1.0}, {"col^2": 1.0}), ({ONE: -big}, {drop: 1.0})]
-    exp_in = {x: 1.0, top: -1.0, drop: -MASKED}
-    return [maximize(drop, -1.0)], pick_col, exp_in
+    return [maximize(drop, -1.0)], pick_col
 
 
 @register
