@@ -3,7 +3,8 @@
 Each block is one test (id: page and line), collected from the pages at collection time, so a new
 page under docs/ is covered without a change here. A block runs alone (its own namespace), seeded by
 the ``seed`` fixture, in a temporary working directory, so the files it writes (``t.safetensors``,
-pictures) never land in the repository. A block that needs an optional package (transformers,
+pictures) never land in the repository; ``checkpoints/``, ``docs/`` and ``benchmarks/`` are linked
+there, so a block reads them by the paths a reader at the checkout's root uses. A block that needs an optional package (transformers,
 matplotlib, tqdm) is skipped, saying which extra installs it, when that package is missing.
 
 Beside the blocks: README stays short and its links lead to files; the README's test command is the
@@ -21,12 +22,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+SHARED = ("checkpoints", "docs", "benchmarks")  # folders a block may read by their relative path
 # optional package -> (how a block shows it needs it, the extra that installs it)
 OPTIONAL = {
     "transformers": (("transformers",), "hf"),
     "matplotlib": (("matplotlib", "usim.plot("), "plot"),
     "tqdm": (("tqdm",), "progress"),
 }
+
+
+def _listing() -> list[str]:
+    return sorted(p.relative_to(ROOT).as_posix() for folder in (ROOT, *(ROOT / n for n in SHARED))
+                  for p in folder.iterdir())
 
 
 def _installed(package: str) -> bool:
@@ -52,7 +59,9 @@ def test_block_runs_as_written(page, line, code, seed, tmp_path, monkeypatch):
     for package, (signs, extra) in OPTIONAL.items():
         if any(sign in code for sign in signs) and not _installed(package):
             pytest.skip(f"{page}:{line} needs {package}: pip install -e '.[{extra}]'")
-    before = sorted(p.name for p in ROOT.iterdir())
+    for name in SHARED:  # read as the reader would from the checkout: checkpoints/..., docs/...
+        (tmp_path / name).symlink_to(ROOT / name, target_is_directory=True)
+    before = _listing()
     monkeypatch.chdir(tmp_path)  # the block may write files
     try:
         # leading newlines: a traceback names the line of the page itself
@@ -61,7 +70,7 @@ def test_block_runs_as_written(page, line, code, seed, tmp_path, monkeypatch):
         if e.name in OPTIONAL:
             pytest.skip(f"{page}:{line} needs {e.name}: pip install -e '.[{OPTIONAL[e.name][1]}]'")
         raise
-    assert sorted(p.name for p in ROOT.iterdir()) == before, f"{page}:{line} wrote into the repository"
+    assert _listing() == before, f"{page}:{line} wrote into the repository"
 
 
 def test_every_page_has_blocks_collected():
