@@ -164,7 +164,7 @@ def test_demo_explains_itself_and_writes_a_picture(tmp_path, capsys, monkeypatch
     try:
         import matplotlib
     except ImportError:
-        assert "pip install 'usim[plot]'" in out
+        assert "pip install -e '.[plot]'" in out
     else:
         assert matplotlib and str(picture) in out and picture.read_bytes()[:8] == PNG_SIGNATURE
 
@@ -173,5 +173,5 @@ def test_demo_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     assert main(["demo", "--batch", "1", "--tokens", "2", "--embed-dim", "2", "--heads", "1",
                  "--picture", str(tmp_path / "demo.png")]) == 0
-    assert "pip install 'usim[plot]'" in capsys.readouterr().out
+    assert "pip install -e '.[plot]'" in capsys.readouterr().out
     assert not (tmp_path / "demo.png").exists()

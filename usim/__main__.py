@@ -1,7 +1,7 @@
 """Command line of usim (``python -m usim COMMAND --help`` for each command's options).
 
     demo       a tour for newcomers: a constructed transformer beside torch, then U, with a picture
-    show       draw one construction to a PNG file (needs matplotlib: pip install 'usim[plot]')
+    show       draw one construction to a PNG file (needs matplotlib: pip install -e '.[plot]')
     describe   what a checkpoint file holds: kind, arguments, layers, heads, activations, sizes
     bench      run benchmarks/compare_mha.py (options are passed on to it)
     export     write the shipped checkpoints
@@ -158,7 +158,7 @@ def picture_demo(args, u, x, a, v) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        print("Install matplotlib to get a picture of U at work: pip install 'usim[plot]'")
+        print("Install matplotlib to get a picture of U at work: pip install -e '.[plot]'")
         return
     path = png_path(args.picture).resolve()
     fig = usim.plot(u, x[0], a, v)

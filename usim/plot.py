@@ -1,6 +1,6 @@
 """Pictures of a construction: ``usim.plot(module, *inputs)`` returns a matplotlib Figure.
 
-matplotlib is optional (``pip install 'usim[plot]'``) and imported only when a figure is drawn.
+matplotlib is optional (``pip install -e '.[plot]'``) and imported only when a figure is drawn.
 
 **An operation** (``usim.Transpose``, ``MatMul``, ``Softmax``, ``ReLU``, ``MaxMin``, ``GroupSort``,
 ``Inverse``, ``Determinant``, and any other construction) is drawn from one run of its encoder,
@@ -47,7 +47,7 @@ MAX_U = {"n": 16, "d": 16, "heads": 4}
 ANNOTATE_CELLS = 64
 """Matrices with at most this many entries have their values written in the cells."""
 
-INSTALL_HINT = "pip install 'usim[plot]'"
+INSTALL_HINT = "pip install -e '.[plot]'"
 
 # What a layer of U computes, read from the names of the slots it writes: "<stage tag>.<step>".
 # The stage tags name U's steps (digits, e.g. a head number, are ignored); unknown names are listed.

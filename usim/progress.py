@@ -6,7 +6,7 @@ A bar (tqdm, on stderr) appears only when all of these hold:
 * progress is enabled: ``usim.set_progress(False)`` switches it off for the process, and so does
   the environment variable ``USIM_PROGRESS=0`` (read once, at import);
 * the stream is a terminal (``stream.isatty()``): logs, pipes, CI and pytest stay clean;
-* ``tqdm`` can be imported (it is optional: ``pip install tqdm`` or ``pip install 'usim[progress]'``);
+* ``tqdm`` can be imported (it is optional: ``pip install tqdm`` or ``pip install -e '.[progress]'``);
 * the work has already taken longer than ``delay`` seconds (2 s by default), so quick work never
   flickers a bar.
 
