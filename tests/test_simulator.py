@@ -205,7 +205,7 @@ def test_width_and_heads_do_not_grow_with_the_sizes():
     # One token per product term: only the sequence grows with n, d, heads and head_dim.
     small, large = UniversalSimulator(2, 2, heads=1, head_dim=1), UniversalSimulator(6, 8, heads=3, head_dim=4)
     assert small.encoder.stream_width == large.encoder.stream_width
-    assert small.width == large.width and small.depth == large.depth == 15
+    assert small.width == large.width and small.depth == large.depth == 14
     assert large.encoder.length > 10 * small.encoder.length
     av_small, av_large = UniversalSimulator(2, 2), UniversalSimulator(8, 6, heads=3)
     assert av_small.encoder.stream_width == av_large.encoder.stream_width and av_small.width == av_large.width

@@ -26,13 +26,13 @@ stage (the row mean and the variance by averaging heads, rsqrt(var + eps) by the
 by bilinear units); f is one matmul stage with the activation and b1 as one more term 1 * b1[k]; the
 second product likewise with b2, and the second residual (h or a) as its addend.
 
-Depth 26 either way: attention 15 (projections 2, scores 2, softmax 7, P V 2, output 2), each
+Depth 25 either way: attention 14 (projections 2, scores 2, softmax 6, P V 2, output 2), each
 LayerNorm 3, the first FFN product 3 (the sum, then the activation), the second 2. The weights are
 the same for every n, d, heads, ffn_hidden and eps: ``EncoderLayerSimulator(activation=...,
 norm_first=...)`` runs every size. Activations: bilinear, identity, exp, reciprocal, rsqrt and the
 layer's own (relu, gelu or gelu_tanh).
 
-``EncoderStackSimulator`` chains L such layers in ONE encoder (depth 26 L): layer i's weights,
+``EncoderStackSimulator`` chains L such layers in ONE encoder (depth 25 L): layer i's weights,
 blocks and stages are named "L{i}.*", its output block is layer i + 1's input, and one, the masks
 and the weight multipliers are shared. Its sequence is about L times a layer's.
 """
@@ -263,7 +263,7 @@ class EncoderLayerSimulator(_Stack):
 
 @register
 class EncoderStackSimulator(_Stack):
-    """``layers`` encoder layers chained in ONE encoder (depth 26 * layers): forward(x, per_layer,
+    """``layers`` encoder layers chained in ONE encoder (depth 25 * layers): forward(x, per_layer,
     key_padding_mask=None, attn_mask=None), per_layer a sequence of one weight sequence per layer
     (the 16 arrays of ``EncoderLayerSimulator.forward``); the masks hold for every layer. Layer i's
     blocks and stages are named "L{i}.*"; the output of one is the next one's input block."""
