@@ -12,6 +12,7 @@ from usim.ops.groupsort_network import abs_network
 from usim.plot import plot  # matplotlib is imported only when a figure is drawn
 from usim.progress import set_progress
 from usim.transformer import SimulatedTransformerEncoderLayer, simulate_layers
+from usim import rasp  # noqa: E402 (RASP front-end: usim.rasp.compile)
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = ["AttentionCore", "Block", "Construction", "Determinant", "Encoder", "
            "EncoderStackSimulator", "GroupSort", "Inverse", "Layout", "MatMul", "MaxMin", "ReLU",
            "SimulatedGroupSortNetwork", "SimulatedInverseAttention", "SimulatedLinearAttention", "SimulatedLinformer",
            "SimulatedMultiheadAttention", "SimulatedParity", "SimulatedTransformerEncoderLayer", "Softmax",
-           "Transpose", "UniversalSimulator", "abs_network", "load", "plot", "save", "set_progress",
+           "Transpose", "UniversalSimulator", "abs_network", "load", "plot", "rasp", "save", "set_progress",
            "simulate_attention", "simulate_layers"]

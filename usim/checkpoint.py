@@ -582,7 +582,7 @@ def _load(path, verify: bool, known_kind: bool):
     if parsed["format"] != "1" and verify:
         _verify_digest(metadata, tensors, path)
     if verify:
-        fresh = kind in REGISTRY and _cheap(parsed, encoder)
+        fresh = kind in REGISTRY and getattr(REGISTRY[kind], "rebuilt_on_load", True) and _cheap(parsed, encoder)
         if parsed["format"] == "1" and not fresh:
             raise ValueError(f"{path}: a format 1 checkpoint has no digest and this one cannot be checked "
                              f"against a fresh construction: regenerate it (`{REGENERATE}` for the shipped "

@@ -159,6 +159,8 @@ def example_inputs(module, seed: int = 0) -> tuple[tuple, dict]:
     """
     from usim.ops.simulator import UniversalSimulator
 
+    if hasattr(module, "example_tokens"):  # a compiled RASP program takes a token list
+        return (module.example_tokens(seed),), {}
     g = torch.Generator().manual_seed(seed)
 
     def draw(*shape, scale=1.0):
