@@ -298,7 +298,7 @@ def _attention_step(attn, heads, entries: Entries, static, positional) -> Attent
     for (h, plan, keys, vreads, outs, tiers), write in zip(heads, writes):
         acc_write = acc_index[write]
         value_coef, out_coef = attn.value[h][:, vreads].double().cpu(), attn.output[h][outs].double().cpu()
-        terms = (out_coef != 0) & (value_coef != 0).T  # (S, J): slot s gets move j
+        terms = (out_coef != 0) & (value_coef != 0).any(1)  # (S, J): slot s gets move j
         if plan.kind == "gather" and len(vreads) == 1 and bool((terms.sum(1) == 1).all()):
             read = entries.offsets(vreads, keys)[0]
             for s, j in terms.nonzero().tolist():

@@ -391,6 +391,8 @@ class _Run:
     def split(self, block: int, slots: list) -> list:
         """The cells of a block on which each slot's field is one part."""
         parts = [cell for s in slots for cell, _ in self.parts(s, block)]
+        parts += [Cell(block, p.lo, p.hi) for s in slots if (s, block) not in self.fields  # positional pieces
+                  for p in self.p.static.get(s, {}).get(block, [])]
         shape = self.p.shapes[block]
         if all(cell.hi == shape and not any(cell.lo) for cell in parts):  # every field whole: one cell
             return [Cell(block, (0,) * len(shape), shape)]
