@@ -57,3 +57,26 @@ def node_seed(request) -> int:
     value = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(value)
     return value
+
+
+def seeded(name: str):
+    """A random.Random seeded from a test's name (deterministic, different per test)."""
+    import random
+    import zlib
+    return random.Random(zlib.crc32(name.encode()))
+
+
+def same_outputs(want: list, got: list, numerical: bool, rel: float = 1e-6) -> bool:
+    """RASP outputs agree: categorical values equal, numerical ones within rel (None only with None)."""
+    if len(want) != len(got):
+        return False
+    for a, b in zip(want, got):
+        if a is None or b is None:
+            if a is not b:
+                return False
+        elif numerical:
+            if not abs(a - b) <= rel * max(1.0, abs(a)):
+                return False
+        elif a != b or type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+            return False
+    return True
