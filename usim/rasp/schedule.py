@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from usim.construct import FFN, ONE, Builder, Unit, scaled
+from usim.construct import FFN, ONE, Builder, Unit, expr, scaled
 
 LINEAR = ("identity", "relu", "bilinear")
 
@@ -56,6 +56,7 @@ class Stage:
 class Schedule:
     def __init__(self):
         self.stages: list[Stage] = []
+        self.writers: dict = {}  # slot -> [(stage, unit or None for a head)]
 
     def _stage(self, s: int) -> Stage:
         while len(self.stages) <= s:
@@ -84,13 +85,33 @@ class Schedule:
             stage = self._stage(s)
             if isinstance(step, Heads):
                 stage.heads += step.heads
+                for head in step.heads:
+                    for _, dst in head.moves:
+                        self.writers.setdefault(dst, []).append((s, None))
             elif isinstance(step, Copy):
                 stage.copies.append(step)
             else:
                 stage.activation = step.activation
                 stage.units += step.units
+                for unit in step.units:
+                    for slot in expr(unit.out):
+                        self.writers.setdefault(slot, []).append((s, unit))
             used.append(s)
         return s, used
+
+    def fuse(self, e: dict, out: str) -> int | None:
+        """Write out = e (a linear combination of slots) from the units that write e's slots, when
+        every slot of e is written at one FFN stage by units writing that slot alone with weight 1:
+        out then sums coef * unit, the same products the slots hold. The stage, or None."""
+        stages = {s for slot in e for s, _ in self.writers.get(slot, [(None, None)])}
+        units = [u for slot in e for _, u in self.writers.get(slot, [])]
+        if len(stages) != 1 or None in stages or any(u is None or expr(u.out) != {slot: 1.0}
+                                                      for slot in e for _, u in self.writers[slot]):
+            return None
+        for slot, coef in e.items():
+            for _, unit in self.writers[slot]:
+                unit.out = {slot: 1.0, out: coef}
+        return stages.pop() if units else None
 
     def build(self, b: Builder) -> list[int]:
         """Append the layers to the builder; the layer index of every stage (None if it vanished)."""
