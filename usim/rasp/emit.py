@@ -171,7 +171,7 @@ class Emitter:
         if len(expr) == 1 and next(iter(expr.values())) == 1.0 and next(iter(expr)) not in self.positional:
             return {"slot": next(iter(expr)), "output": output}
         out = self.b.slot("result")
-        if not any(s in self.positional for s in expr) and self.schedule.fuse(expr, out) is not None:
+        if not any(s in self.positional for s in expr) and self.schedule.fuse(expr, out, integral="values" in output) is not None:
             return {"slot": out, "output": output}
         self.place(x.ready, [Copy(expr, out)], program)
         return {"slot": out, "output": output}

@@ -170,6 +170,9 @@ def _sequence_map(em, e):
 
 
 def _select(em, e):
+    primitive = (L.TokensType, L.IndicesType, L.LengthType)
+    if isinstance(e.keys, primitive) and isinstance(e.queries, primitive) and e.predicate is L.Comparison.TRUE:
+        return Sel([({REAL: 1.0}, {REAL: 1.0})], 1, -1, [e.name])  # every input token (never None)
     k = em.cat(em.values[e.keys.id], e, em.sets[e.keys.id])
     q = em.cat(em.values[e.queries.id], e, em.sets[e.queries.id])
     from usim.rasp.values import _apply

@@ -99,19 +99,25 @@ class Schedule:
             used.append(s)
         return s, used
 
-    def fuse(self, e: dict, out: str) -> int | None:
-        """Write out = e (a linear combination of slots) from the units that write e's slots, when
-        every slot of e is written at one FFN stage by units writing that slot alone with weight 1:
-        out then sums coef * unit, the same products the slots hold. The stage, or None."""
-        stages = {s for slot in e for s, _ in self.writers.get(slot, [(None, None)])}
-        units = [u for slot in e for _, u in self.writers.get(slot, [])]
-        if len(stages) != 1 or None in stages or any(u is None or expr(u.out) != {slot: 1.0}
-                                                      for slot in e for _, u in self.writers[slot]):
+    def fuse(self, e: dict, out: str, integral: bool = False) -> int | None:
+        """Write out = e (a linear combination of slots) from the FFN units that write e's slots, when
+        every slot of e is written at one FFN stage and by nothing else: out then sums the units with
+        the weights the slots would give them. Exact when each unit writes one of e's slots alone with
+        weight 1 (out adds the same products), or, with ``integral``, when every weight is an integer
+        (0/1 units, integer codes). The stage, or None."""
+        writers = [w for slot in e for w in self.writers.get(slot, [(None, None)])]
+        if len({s for s, _ in writers}) != 1 or any(u is None for _, u in writers):
             return None
-        for slot, coef in e.items():
-            for _, unit in self.writers[slot]:
-                unit.out = {slot: 1.0, out: coef}
-        return stages.pop() if units else None
+        units = list({id(u): u for _, u in writers}.values())
+        weights = [sum(c * e.get(slot, 0.0) for slot, c in expr(u.out).items()) for u in units]
+        single = all(expr(u.out) == {slot: 1.0} for slot in e for _, u in self.writers[slot])
+        if not single and not (integral and all(float(w).is_integer() for u in units
+                                                for w in list(expr(u.out).values()) + list(e.values()))):
+            return None
+        for unit, weight in zip(units, weights):
+            if weight:
+                unit.out = {**expr(unit.out), out: weight}
+        return writers[0][0]
 
     def build(self, b: Builder) -> list[int]:
         """Append the layers to the builder; the layer index of every stage (None if it vanished)."""
