@@ -141,8 +141,7 @@ class Map(SOp):
         _sop(inner, "Map's input")
         if simplify and isinstance(inner, Map) and not isinstance(f, Function) \
                 and not isinstance(inner.f, Function):
-            g = inner.f
-            f, inner = (lambda x: f(g(x))), inner.inner
+            f, inner = (lambda x, f=f, g=inner.f: f(g(x))), inner.inner
         self.f, self.inner = f, inner
         self.children = (inner,)
 
