@@ -118,8 +118,10 @@ class Builder:
 
     # --- slots ---------------------------------------------------------------------------
     def slot(self, name: str) -> str:
-        if name in self.slots:
+        index = self.__dict__.setdefault("_index", {})
+        if name in index:
             raise ValueError(f"slot {name!r} already exists")
+        index[name] = len(self.slots)
         self.slots.append(name)
         return name
 
@@ -221,10 +223,11 @@ class Builder:
     # --- weights -------------------------------------------------------------------------
     def _vec(self, e) -> torch.Tensor:
         v = torch.zeros(len(self.slots), dtype=torch.float64)
+        index = self.__dict__.get("_index", {})
         for name, c in expr(e).items():
-            if name not in self.slots:
+            if name not in index:
                 raise ValueError(f"unknown slot {name!r}")
-            v[self.slots.index(name)] += c
+            v[index[name]] += c
         return v
 
     def _attention(self, heads: list[Head]) -> HardAttention:

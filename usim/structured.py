@@ -536,6 +536,8 @@ class Planner:
 
     def match(self, qw: torch.Tensor, kw: torch.Tensor, cell: Cell) -> Selection:
         q = [self.poly(qw[j], cell) for j in range(qw.shape[0])]
+        if not any(p.constant and p.const == -1 for p in q):  # no match form: say so before indexing keys
+            raise NotStructured("a leading static tier that is not a match")
         index = self.key_index(kw)
         c = next((c for c in range(len(q)) if q[c].constant and q[c].const == -1 and c in index), None)
         if c is None or index.get("unmatched"):

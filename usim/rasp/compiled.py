@@ -48,6 +48,8 @@ def positional_pieces(kind: str, param, n: int) -> dict:
         return {1: [((0,), (n,), 1, (0,))]} if param == n else {}
     if kind == "const":
         return {1: [((i,), (i + 1,), 1, (0,)) for i in param if i < n]}
+    if kind == "table":  # param: per length (as a string key, JSON), the runs [lo, hi) where the slot is 1
+        return {1: [((lo,), (hi,), 1, (0,)) for lo, hi in param.get(str(n), [])]}
     raise ValueError(f"unknown positional kind {kind!r}")
 
 
@@ -89,6 +91,7 @@ class CompiledProgram(Construction):
         module.spec = spec
         module.codes = None if spec["raw"] else {v: i + 1 for i, v in enumerate(spec["vocab"])}
         module.__dict__["_frames"] = {}
+        encoder.readout  # made per token now, not on the first call (that would reset the plan caches)
         return module
 
     @property
@@ -114,6 +117,7 @@ class CompiledProgram(Construction):
             frames[n] = Encoder(enc.slots, Positions([(1,), (n,)], pieces),
                                 [enc.slots.index("value"), enc.slots.index(self.spec["readout"])],
                                 list(enc.layers), execution=enc.execution)
+            frames[n].readout  # per token now (see from_parts)
         frames[n].execution = self.encoder.execution
         return frames[n]
 

@@ -20,6 +20,8 @@ Every construct is exact (see ``usim.rasp.encode`` for the representations):
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from usim.construct import ONE, Head, Unit
@@ -39,7 +41,7 @@ class Emitter:
     def __init__(self, b, vocab, sets, lowered, max_seq_len, causal, raw, dtype):
         self.b, self.vocab, self.sets, self.lowered = b, vocab, sets, lowered
         self.n, self.causal, self.raw, self.dtype = max_seq_len, causal, raw, dtype
-        self.values, self.schedule, self.log = {}, Schedule(), []
+        self.values, self.schedule, self.log, self.memo = {}, Schedule(), [], {}
         self.positional = {"one": ["one", 0], "position": ["position", 0]}
         self.pos(BOS, "bos")
         self.pos(REAL, "real")
@@ -68,10 +70,9 @@ class Emitter:
             row[3] += [layer_of[s] for s in used if layer_of[s] is not None]
             row[4] += heads
         for name in self.b.slots:
-            if "#" in name:
-                ident = int(name.split("#")[1].split(".")[0])
-                if ident in rows:
-                    rows[ident][5] += 1
+            digits = re.match(r"\d+", name.split("#")[-1]) if "#" in name else None
+            if digits and int(digits.group()) in rows:
+                rows[int(digits.group())][5] += 1
         return [[r[0], r[1], r[2], sorted(set(r[3])), r[4], r[5]] for r in rows.values()]
 
     # --- conversions -------------------------------------------------------------------------

@@ -16,7 +16,55 @@ from usim.rasp.emit import ACTIVATION_AT, _number
 MAX_PRODUCTS = 1 << 16  # one-hot pairs a SequenceMap may multiply out
 
 
+POSITIONAL = (L.IndicesType, L.LengthType, L.Full, L.ConstantSOp)
+
+
+def positional(e, memo: dict) -> bool:
+    """Whether an SOp depends on the positions and the length only (not on the tokens)."""
+    if e.id not in memo:
+        memo[e.id] = isinstance(e, POSITIONAL) or (isinstance(e, (L.Map, L.SequenceMap)) and
+                                                    all(positional(c, memo) for c in e.children)) \
+            or (isinstance(e, L.SelectorWidth) and _every_token(e.selector))
+    return memo[e.id]
+
+
+def _every_token(sel) -> bool:
+    """A Select that keeps every key (TRUE over SOps that are never None): its width is the length."""
+    primitive = (L.TokensType, L.IndicesType, L.LengthType)
+    return isinstance(sel, L.Select) and sel.predicate is L.Comparison.TRUE and \
+        isinstance(sel.keys, primitive) and isinstance(sel.queries, primitive)
+
+
+def _runs(flags: list) -> list:
+    """[lo, hi) runs of True."""
+    runs, start = [], None
+    for i, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append([start, i])
+            start = None
+    return runs
+
+
+def _positional_table(em, e):
+    """A Map or SequenceMap of positions and length only: its values at every length are known when
+    the weights are built, so it is positional one-hot slots (closed-form runs per length), no layer."""
+    from usim.rasp.evaluate import evaluate
+    values = ordered(em.sets[e.id])
+    token = em.vocab[0] if em.vocab else 0.0  # no value of a positional SOp depends on it
+    per_length = {n: evaluate(e, [token] * n, causal=em.causal) for n in range(1, em.n + 1)}
+    exprs = []
+    for j, v in enumerate(values):
+        table = {str(n): _runs([x is not None and x == v for x in row]) for n, row in per_length.items()}
+        exprs.append({em.pos(f"{e.name}#{e.id}={j}", "table", table): 1.0})
+    x = Cat(values, exprs, -1)
+    return em.num(x, e) if L.is_numerical(e) else x
+
+
 def emit_node(em, e):
+    if isinstance(e, (L.Map, L.SequenceMap, L.SelectorWidth)) and positional(e, em.memo) and em.sets[e.id] is not None:
+        return _positional_table(em, e)
     for kind, fn in _EMITTERS:
         if isinstance(e, kind):
             return fn(em, e)
