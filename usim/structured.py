@@ -260,14 +260,19 @@ class _Run:
             if name not in self.layouts:
                 self.layouts[name] = keys.movedim(1 + inner, -1).contiguous().movedim(-1, 1 + inner)
             keys = self.layouts[name]
-        # start at the key of the cell's first query (then as_strided keeps that storage offset)
-        origin = [sel.m[k] + sum(c * l for c, l in zip(sel.M[k], cell.lo)) for k in range(keys.dim() - 1)]
+        # a query axis along which the keys go backwards (a reversal) is walked from its last query
+        # and flipped back: as_strided takes no negative strides
+        back = [a for a in range(len(cell.lo)) if sum(keys.stride(1 + k) * sel.M[k][a] for k in range(keys.dim() - 1)) < 0]
+        first = [h - 1 if a in back else l for a, (l, h) in enumerate(zip(cell.lo, cell.hi))]
+        # start at the key of that query (then as_strided keeps that storage offset)
+        origin = [sel.m[k] + sum(c * l for c, l in zip(sel.M[k], first)) for k in range(keys.dim() - 1)]
         keys = keys[(slice(None),) + tuple(slice(o, None) for o in origin)]
         stride = keys.stride()[1:]
         sizes = [self.batch, *cell.shape] + [h - l for _, l, h in sel.free]
-        strides = [keys.stride(0)] + [sum(stride[k] * sel.M[k][a] for k in range(len(stride)))
+        strides = [keys.stride(0)] + [abs(sum(stride[k] * sel.M[k][a] for k in range(len(stride))))
                                       for a in range(len(cell.lo))] + [stride[a] for a, _, _ in sel.free]
-        return keys.as_strided(sizes, strides)
+        view = keys.as_strided(sizes, strides)
+        return view.flip([1 + a for a in back]) if back else view
 
     @staticmethod
     def inner_axis(cell: Cell, sel: Selection):

@@ -50,6 +50,8 @@ def positional_pieces(kind: str, param, n: int) -> dict:
         return {1: [((i,), (i + 1,), 1, (0,)) for i in param if i < n]}
     if kind == "table":  # param: per length (as a string key, JSON), the runs [lo, hi) where the slot is 1
         return {1: [((lo,), (hi,), 1, (0,)) for lo, hi in param.get(str(n), [])]}
+    if kind in ("affine", "affine^2"):  # param: per length, runs [lo, hi, const, coef]: const + coef * index
+        return {1: [((lo,), (hi,), const, (coef,)) for lo, hi, const, coef in param.get(str(n), [])]}
     raise ValueError(f"unknown positional kind {kind!r}")
 
 
@@ -112,8 +114,8 @@ class CompiledProgram(Construction):
             pieces = {}
             for name, (kind, param) in self.spec["positional"].items():
                 per_block = positional_pieces(kind, param, n)
-                pieces[enc.slots.index(name)] = [Piece(blk, lo, hi, const, coef) for blk, spec in per_block.items()
-                                                 for lo, hi, const, coef in spec]
+                pieces[enc.slots.index(name)] = [Piece(blk, lo, hi, const, coef, square=kind == "affine^2")
+                                                 for blk, spec in per_block.items() for lo, hi, const, coef in spec]
             frames[n] = Encoder(enc.slots, Positions([(1,), (n,)], pieces),
                                 [enc.slots.index("value"), enc.slots.index(self.spec["readout"])],
                                 list(enc.layers), execution=enc.execution)

@@ -50,8 +50,11 @@ class Emitter:
     def pos(self, name: str, kind: str, param=0) -> str:
         if name not in self.positional:
             pieces = positional_pieces(kind, param, self.n)
-            self.b.positional_affine(name, lambda block, i: pieces.get(i, []))
+            square = kind == "affine"  # an affine feature is matched on: with its square (usim.construct.match)
+            self.b.positional_affine(name, lambda block, i: pieces.get(i, []), square=square)
             self.positional[name] = [kind, param]
+            if square:
+                self.positional[name + "^2"] = ["affine^2", param]
         return name
 
     def slot(self, e, what: str) -> str:

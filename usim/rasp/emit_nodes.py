@@ -232,7 +232,63 @@ def _select(em, e):
     return Sel(terms, 1, max(k.ready, q.ready), [e.name])
 
 
+def _affine_runs(values: list) -> list:
+    """[lo, hi, const, coef] runs with values[i] = const + coef * i (greedy, maximal)."""
+    runs, i = [], 0
+    while i < len(values):
+        j, step = i + 1, (values[i + 1] - values[i] if i + 1 < len(values) else 0)
+        while j < len(values) and values[j] - values[j - 1] == step:
+            j += 1
+        runs.append([i, j, values[i] - step * i, step])
+        i = j
+    return runs
+
+
+MAX_STATIC = 128  # a static selection is worked out per length up to this max_seq_len
+
+
+def _static_match(em, selector):
+    """A Select of positional SOps whose queries each select the keys of one key value (or none):
+    a ``match`` of two positional integer features, the key's value code (BOS 0) and the code the
+    query selects (0: none, so BOS) - an exact join the executions plan once, structured when the
+    codes are affine in the index. None when the selection is not of that form."""
+    lowered = em.lowered[selector.id]
+    if em.causal or em.n > MAX_STATIC or len(lowered) != 1:
+        return None
+    s = lowered[0]
+    if not (positional(s.keys, em.memo) and positional(s.queries, em.memo)):
+        return None
+    from usim.rasp.evaluate import evaluate
+    token = em.vocab[0] if em.vocab else 0.0
+    keys_at, targets_at = {}, {}
+    for n in range(1, em.n + 1):
+        keys, queries = evaluate(s.keys, [token] * n), evaluate(s.queries, [token] * n)
+        present = ordered(keys)
+        code = {v: i + 1 for i, v in enumerate(present)}
+        targets = []
+        for q in queries:
+            chosen = [v for v in present if q is not None and _apply_safe(s.predicate, v, q)]
+            if len(chosen) > 1:
+                return None
+            targets.append(code[chosen[0]] if chosen else 0)
+        keys_at[str(n)] = _affine_runs([0 if k is None else code[k] for k in keys])
+        targets_at[str(n)] = _affine_runs(targets)
+    key = em.pos(f"{s.name}#{s.id}.key", "affine", keys_at)
+    target = em.pos(f"{s.name}#{s.id}.target", "affine", targets_at)
+    return [(times({target: 1.0}, 2.0), {key: 1.0}), ({ONE: -1.0}, {key + "^2": 1.0})]
+
+
+def _apply_safe(predicate, k, q) -> bool:
+    try:
+        return bool(predicate(k, q))
+    except Exception:  # noqa: BLE001 - the content path names the error
+        return False
+
+
 def _aggregate(em, e):
+    tier = _static_match(em, e.selector)
+    if tier is not None:
+        return _static_aggregate(em, e, tier)
     sel = em.selection(e.selector)
     x = em.values[e.sop.id]
     if L.is_numerical(e):
@@ -259,6 +315,30 @@ def _aggregate(em, e):
         ex = {outs[x.values.index(v)]: 1.0} if v in x.values else {}
         exprs.append(add(ex, {none: 1.0}) if none and v == e.default else ex)
     return Cat(values, exprs, ready)
+
+
+def _static_aggregate(em, e, tier):
+    """An Aggregate over a static match: the same moves as the content head, one match tier."""
+    x = em.values[e.sop.id]
+    if L.is_numerical(e):
+        x = em.num(x, e)
+        outs, exprs, values = [em.slot(e, "mean")], [x.expr], None
+    else:
+        x = em.cat(x, e, em.sets[e.sop.id])
+        outs = [em.slot(e, f"={i}") for i in range(len(x.values))]
+        exprs, values = x.exprs, x.values
+    default = e.default if not L.is_numerical(e) else (e.default or 0.0)
+    none = em.slot(e, "none") if default not in (None, 0.0) or (values is not None and default is not None) else None
+    moves = [(ex, o) for ex, o in zip(exprs, outs) if ex] + ([({BOS: 1.0}, none)] if none else [])
+    ready = em.place(x.ready, [Heads([Head([tier], moves, name=e.name, average=True)])], e)
+    if values is None:
+        return Num(add({outs[0]: 1.0}, {none: float(default)} if none else {}), ready)
+    values_out = ordered(list(values) + ([default] if none else []))
+    cat = []
+    for v in values_out:
+        ex = {outs[values.index(v)]: 1.0} if v in values else {}
+        cat.append(add(ex, {none: 1.0}) if none and v == default else ex)
+    return Cat(values_out, cat, ready)
 
 
 def _selector_width(em, e):
