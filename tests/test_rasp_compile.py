@@ -16,8 +16,8 @@ def agree(program, vocab, max_seq_len, name, trials=60, causal=False, dtype=torc
     module = r.compile(program, vocab, max_seq_len, causal=causal, dtype=dtype)
     rng = seeded(name)
     rel = 1e-6 if dtype == torch.float32 else 1e-12
-    for n in lengths or sorted({rng.randint(1, max_seq_len) for _ in range(6)} | {max_seq_len}):
-        batch = [[rng.choice(vocab) for _ in range(n)] for _ in range(max(1, trials // 6))]
+    for n in lengths or sorted({rng.randint(1, max_seq_len) for _ in range(3)} | {max_seq_len}):
+        batch = [[rng.choice(vocab) for _ in range(n)] for _ in range(max(1, trials // 4))]
         got = module(batch)
         for xs, out in zip(batch, got):
             want = r.evaluate(program, xs, causal=causal)
@@ -74,7 +74,6 @@ def test_selector_width_exact_to_512():
     rng = seeded("rank512")
     xs = [rng.choice([0, 1, 2]) for _ in range(512)]
     assert m(xs) == r.evaluate(program, xs)
-    assert m(xs[:300]) == r.evaluate(program, xs[:300])
 
 
 def test_causal_mode_masks_every_selector():

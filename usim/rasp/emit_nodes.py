@@ -47,17 +47,28 @@ def _runs(flags: list) -> list:
     return runs
 
 
+def _at_length(e, token, n: int, causal: bool) -> list:
+    """The SOp's values on an input of n tokens (all None where it has none: a ConstantSOp of
+    another length)."""
+    from usim.rasp.evaluate import evaluate
+    try:
+        return evaluate(e, [token] * n, causal=causal)
+    except ValueError:
+        return [None] * n
+
+
 def _positional_table(em, e):
     """A Map or SequenceMap of positions and length only: its values at every length are known when
     the weights are built, so it is positional one-hot slots (closed-form runs per length), no layer."""
     from usim.rasp.evaluate import evaluate
     values = ordered(em.sets[e.id])
     token = em.vocab[0] if em.vocab else 0.0  # no value of a positional SOp depends on it
-    per_length = {n: evaluate(e, [token] * n, causal=em.causal) for n in range(1, em.n + 1)}
+    per_length = {n: _at_length(e, token, n, em.causal) for n in range(1, em.n + 1)}
     exprs = []
     for j, v in enumerate(values):
         table = {str(n): _runs([x is not None and x == v for x in row]) for n, row in per_length.items()}
         exprs.append({em.pos(f"{e.name}#{e.id}={j}", "table", table): 1.0})
+    em.log.append((e, [], 0))  # no layer: listed by describe() with its slots
     x = Cat(values, exprs, -1)
     return em.num(x, e) if L.is_numerical(e) else x
 
@@ -258,11 +269,10 @@ def _static_match(em, selector):
     s = lowered[0]
     if not (positional(s.keys, em.memo) and positional(s.queries, em.memo)):
         return None
-    from usim.rasp.evaluate import evaluate
     token = em.vocab[0] if em.vocab else 0.0
     keys_at, targets_at = {}, {}
     for n in range(1, em.n + 1):
-        keys, queries = evaluate(s.keys, [token] * n), evaluate(s.queries, [token] * n)
+        keys, queries = _at_length(s.keys, token, n, False), _at_length(s.queries, token, n, False)
         present = ordered(keys)
         code = {v: i + 1 for i, v in enumerate(present)}
         targets = []
