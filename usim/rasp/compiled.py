@@ -24,7 +24,7 @@ import math
 import torch
 
 from usim.engine import Encoder
-from usim.layout import Block, Layout
+from usim.layout import Layout
 from usim.ops.base import Construction, register
 from usim.positions import Piece, Positions
 

@@ -15,7 +15,13 @@ Every construct is exact (see ``usim.rasp.encode`` for the representations):
   scoring top - 1/2, so a query keeps exactly its selected keys, or BOS alone;
 * Aggregate: that head averaging the values (the exact mean of any reals, any number of keys);
 * SelectorWidth: the same head with BOS always kept, averaging the BOS flag: 1 / (w + 1), split
-  into w = 0..max_seq_len by thresholds as above.
+  into w = 0..max_seq_len by thresholds as above;
+* an SOp of positions and length only is positional one-hot slots (its values per length are known
+  when the weights are built), and an Aggregate over a Select of such SOps a static ``match``
+  (``usim.rasp.emit_nodes``).
+
+``Emitter`` holds the builder, the value sets and each node's value; ``usim.rasp.emit_nodes`` has
+one function per node type.
 """
 
 from __future__ import annotations
@@ -24,17 +30,11 @@ import re
 
 import torch
 
-from usim.construct import ONE, Head, Unit
-from usim.rasp import language as L
-from usim.rasp.encode import BOS, REAL, Cat, Num, Sel, add, ordered, times
+from usim.construct import ONE, Unit
+from usim.rasp.emit_nodes import emit_node
+from usim.rasp.encode import BOS, REAL, Cat, Num, Sel, add, is_number, ordered, times
 from usim.rasp.schedule import Copy, Heads, Schedule, Units
 from usim.rasp.compiled import positional_pieces
-
-ACTIVATION_AT = {"relu": 0.0, "exp": 0.0, "reciprocal": 1.0, "rsqrt": 1.0}  # input at BOS: finite
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, complex)
 
 
 class Emitter:
@@ -91,7 +91,7 @@ class Emitter:
     def num(self, x, e) -> Num:
         if isinstance(x, Num):
             return x
-        bad = [v for v in x.values if not _number(v)]
+        bad = [v for v in x.values if not is_number(v)]
         if bad:
             raise ValueError(f"{type(e).__name__} {e.name!r} reads a categorical SOp with non-numeric values "
                              f"{bad[:3]} as a number")
@@ -150,7 +150,6 @@ class Emitter:
 
     # --- nodes -------------------------------------------------------------------------------
     def emit(self, e) -> None:
-        from usim.rasp.emit_nodes import emit_node
         self.values[e.id] = emit_node(self, e)
 
     def selection(self, selector) -> Sel:

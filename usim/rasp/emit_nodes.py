@@ -9,10 +9,11 @@ import operator
 
 from usim.construct import ONE, Head, Unit
 from usim.rasp import language as L
-from usim.rasp.encode import BOS, REAL, Cat, Num, Sel, add, ordered, times
+from usim.rasp.encode import BOS, REAL, Cat, Num, Sel, add, is_number, ordered, times
 from usim.rasp.schedule import Heads, Units
-from usim.rasp.emit import ACTIVATION_AT, _number
+from usim.rasp.values import apply_named
 
+ACTIVATION_AT = {"relu": 0.0, "exp": 0.0, "reciprocal": 1.0, "rsqrt": 1.0}  # input at BOS: finite
 MAX_PRODUCTS = 1 << 16  # one-hot pairs a SequenceMap may multiply out
 
 
@@ -117,7 +118,7 @@ def _length(em, e):
 
 def _full(em, e):
     if L.is_numerical(e):
-        if not _number(e.fill):
+        if not is_number(e.fill):
             raise ValueError(f"numerical Full {e.name!r} of a non-number {e.fill!r}")
         return Num(times({REAL: 1.0}, float(e.fill)), -1, [(e.fill, {REAL: 1.0})])
     return Cat([e.fill], [{REAL: 1.0}], -1)
@@ -135,7 +136,7 @@ def _affine(f, xs):
     """(a, b) with f(x) == a x + b on every x (to 1e-12 relative), else None."""
     try:
         ys = [f(x) for x in xs]
-        if not all(_number(y) for y in ys):
+        if not all(is_number(y) for y in ys):
             return None
         if len(xs) == 1:
             return 0.0, float(ys[0])
@@ -181,7 +182,7 @@ def _map(em, e):
 
 
 def _num_of_pairs(em, e, pairs, ready):
-    bad = [v for v, _ in pairs if v is not None and not _number(v)]
+    bad = [v for v, _ in pairs if v is not None and not is_number(v)]
     if bad:
         raise ValueError(f"numerical {type(e).__name__} {e.name!r} has non-numeric values {bad[:3]}")
     pairs = [(v, ex) for v, ex in pairs if v is not None]
@@ -194,7 +195,7 @@ def _is_product(f, a, b) -> bool:
     if a is None or b is None or len(a) * len(b) > MAX_PRODUCTS:
         return False
     try:
-        return all(_number(x) and _number(y) and f(x, y) == x * y for x in a for y in b)
+        return all(is_number(x) and is_number(y) and f(x, y) == x * y for x in a for y in b)
     except Exception:  # noqa: BLE001 - not a product
         return False
 
@@ -217,8 +218,7 @@ def _sequence_map(em, e):
     if len(xc.values) * len(yc.values) > MAX_PRODUCTS:
         raise ValueError(f"SequenceMap {e.name!r} multiplies {len(xc.values)} x {len(yc.values)} one-hot pairs "
                          f"(at most {MAX_PRODUCTS})")
-    from usim.rasp.values import _apply
-    table = [(i, j, _apply(e, e.f, (u, v))) for i, u in enumerate(xc.values) for j, v in enumerate(yc.values)]
+    table = [(i, j, apply_named(e, e.f, (u, v))) for i, u in enumerate(xc.values) for j, v in enumerate(yc.values)]
     table = [(i, j, w) for i, j, w in table if w is not None]
     out_values = ordered({w for _, _, w in table})
     slots = {w: em.slot(e, f"={k}") for k, w in enumerate(out_values)}
@@ -234,10 +234,9 @@ def _select(em, e):
         return Sel([({REAL: 1.0}, {REAL: 1.0})], 1, -1, [e.name])  # every input token (never None)
     k = em.cat(em.values[e.keys.id], e, em.sets[e.keys.id])
     q = em.cat(em.values[e.queries.id], e, em.sets[e.queries.id])
-    from usim.rasp.values import _apply
     terms = []
     for kv, kx in zip(k.values, k.exprs):
-        qs = [qx for qv, qx in zip(q.values, q.exprs) if _apply(e, e.predicate, (kv, qv))]
+        qs = [qx for qv, qx in zip(q.values, q.exprs) if apply_named(e, e.predicate, (kv, qv))]
         if qs and kx:
             terms.append((add(*qs), kx))
     return Sel(terms, 1, max(k.ready, q.ready), [e.name])

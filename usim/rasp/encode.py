@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 BOS, REAL = "bos", "real"
 
 
+def is_number(v) -> bool:
+    return isinstance(v, (int, float))
+
+
 def add(*exprs) -> dict:
     out: dict = {}
     for e in exprs:

@@ -25,7 +25,6 @@ FFN structure where RASP can say it:
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 

@@ -18,7 +18,7 @@ from usim.rasp import language as L
 MAX_VALUES = 1 << 21
 
 
-def _apply(node, f, args):
+def apply_named(node, f, args):
     try:
         return f(*args)
     except Exception as e:  # noqa: BLE001 - any error of the user's function names the node
@@ -58,7 +58,7 @@ def _value_set(e, sets, vocab, n):
         inner = sets[e.inner.id]
         if inner is None:
             return None
-        return _bounded({r for r in (_apply(e, e.f, (x,)) for x in inner) if r is not None})
+        return _bounded({r for r in (apply_named(e, e.f, (x,)) for x in inner) if r is not None})
     if isinstance(e, L.SequenceMap):
         a, b = sets[e.fst.id], sets[e.snd.id]
         if a is None or b is None or len(a) * len(b) > 4 * MAX_VALUES:
@@ -66,7 +66,7 @@ def _value_set(e, sets, vocab, n):
         if isinstance(e, L.LinearSequenceMap):
             fa, fb = e.fst_fac, e.snd_fac
             return _bounded({fa * x + fb * y for x in a for y in b})
-        return _bounded({r for r in (_apply(e, e.f, (x, y)) for x in a for y in b) if r is not None})
+        return _bounded({r for r in (apply_named(e, e.f, (x, y)) for x in a for y in b) if r is not None})
     if isinstance(e, L.Aggregate):
         inner = sets[e.sop.id]
         if inner is None:
