@@ -90,3 +90,19 @@ def test_constant_selector_is_refused():
     program = rasp.SelectorWidth(rasp.ConstantSelector([[True]]))
     with pytest.raises(ValueError, match="ConstantSelector"):
         ur.from_tracr(program)
+
+
+def test_benchmark_script_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "rasp.py"
+    done = subprocess.run([sys.executable, str(script), "--lengths", "5", "--programs", "hist", "reverse",
+                           "--repeats", "2", "--save", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(script.parents[1])})
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "rasp.json").read_text())["rows"]
+    assert [r["program"] for r in rows] == ["reverse", "hist"] and all(r["call_ms"] > 0 for r in rows)
+    assert "| reverse | 5 |" in (tmp_path / "rasp.md").read_text()
