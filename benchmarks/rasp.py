@@ -19,7 +19,9 @@ import argparse
 import importlib.util
 import json
 import os
+import contextlib
 import random
+import signal
 import statistics
 import sys
 import time
@@ -40,6 +42,20 @@ def tracr_modules():
     lib = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(lib)
     return rasp, lib, folder
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """TimeoutError after ``seconds`` (SIGALRM: the main thread of a Unix process)."""
+    def fire(signum, frame):
+        raise TimeoutError(f"over {seconds} s")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def tracr_sizes(program, vocab, max_seq_len, folder):
@@ -92,7 +108,7 @@ def cases(rasp, lib, n):
     }
 
 
-def measure(name, program, vocab, n, repeats, folder):
+def measure(name, program, vocab, n, repeats, folder, limit):
     rng = random.Random(n)
     start = time.perf_counter()
     module = ur.compile(ur.from_tracr(program), vocab, n)
@@ -111,20 +127,31 @@ def measure(name, program, vocab, n, repeats, folder):
         start = time.perf_counter()
         module(batch)
         batches.append(time.perf_counter() - start)
-    tracr = tracr_sizes(program, vocab, n, folder)
+    try:
+        with time_limit(limit):
+            tracr = tracr_sizes(program, vocab, n, folder)
+    except TimeoutError:
+        tracr = None  # Tracr's own passes took longer than the limit
     return {"program": name, "max_seq_len": n, "compile_s": compile_s, "depth": module.depth, "width": module.width,
             "slots": module.encoder.stream_width, "call_ms": 1e3 * statistics.median(calls),
             "batch200_s": statistics.median(batches), "structured": module.frame(n).structured(torch.float32, None) is not None,
             "tracr_layers": tracr and tracr[0], "tracr_heads": tracr and tracr[1], "tracr_residual": tracr and tracr[2]}
 
 
+def _or_dash(value) -> str:
+    return "—" if value is None else str(value)
+
+
 def table(rows) -> str:
     out = ["| program | max_seq_len | compile (s) | depth | width | slots | warm call (ms) | batch of 200 (s) | "
            "Tracr layers | Tracr heads | Tracr residual |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "failed" in r:
+            out.append(f"| {r['program']} | {r['max_seq_len']} | {r['failed']} | | | | | | | | |")
+            continue
         out.append(f"| {r['program']} | {r['max_seq_len']} | {r['compile_s']:.2f} | {r['depth']} | {r['width']} | "
-                   f"{r['slots']} | {r['call_ms']:.1f} | {r['batch200_s']:.3f} | {r['tracr_layers']} | "
-                   f"{r['tracr_heads']} | {r['tracr_residual']} |")
+                   f"{r['slots']} | {r['call_ms']:.1f} | {r['batch200_s']:.3f} | {_or_dash(r['tracr_layers'])} | "
+                   f"{_or_dash(r['tracr_heads'])} | {_or_dash(r['tracr_residual'])} |")
     return "\n".join(out)
 
 
@@ -135,6 +162,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=20, help="warm calls per program (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--quick", action="store_true", help="5 and 10 tokens, 5 repeats")
+    parser.add_argument("--limit", type=int, default=300, help="seconds per program (ours, then Tracr's passes)")
     parser.add_argument("--save", action="store_true", help="write rasp.{md,json} (benchmarks/results for a full run)")
     parser.add_argument("--out", help="folder for --save (default: benchmarks/results, partial/ for a partial run)")
     args = parser.parse_args()
@@ -146,7 +174,13 @@ def main():
         for name, (program, vocab) in cases(rasp, lib, n).items():
             if args.programs and name not in args.programs:
                 continue
-            rows.append(measure(name, program, vocab, n, repeats, folder))
+            try:
+                with time_limit(args.limit):
+                    rows.append(measure(name, program, vocab, n, repeats, folder, args.limit))
+            except (TimeoutError, ValueError, MemoryError) as e:
+                print(f"{name} at {n}: {type(e).__name__}: {e}", flush=True)
+                rows.append({"program": name, "max_seq_len": n, "failed": f"{type(e).__name__}: {e}"})
+                continue
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
