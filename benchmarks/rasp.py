@@ -134,7 +134,7 @@ def measure(name, program, vocab, n, repeats, folder, limit):
         tracr = None  # Tracr's own passes took longer than the limit
     return {"program": name, "max_seq_len": n, "compile_s": compile_s, "depth": module.depth, "width": module.width,
             "slots": module.encoder.stream_width, "call_ms": 1e3 * statistics.median(calls),
-            "batch200_s": statistics.median(batches), "structured": module.frame(n).structured(torch.float32, None) is not None,
+            "batch200_s": statistics.median(batches), "structured": module.encoder.structured(torch.float32, None, module.frame(n)) is not None,
             "tracr_layers": tracr and tracr[0], "tracr_heads": tracr and tracr[1], "tracr_residual": tracr and tracr[2]}
 
 

@@ -6,8 +6,8 @@ from the integer code the encoder reads out: 0 is None, the default of an empty 
 numerical output is a Python float. BOS is prepended inside and never returned.
 
 The sequence is two blocks: ``bos`` (1 token) and ``tokens`` (n). The weights do not depend on n:
-an input of n < max_seq_len tokens runs the same layers with the positional pieces of n (the
-encoder of that *frame*, made once per n and sharing the layers). ``encoder`` / ``layout`` are the
+an input of n < max_seq_len tokens runs the same encoder with the positional pieces of n (its
+``usim.engine.Frame``, made once per n). ``encoder`` / ``layout`` are the
 max_seq_len frame (what ``usim.save`` writes and ``usim.plot`` draws).
 
 Everything the module needs besides the weights (vocab, output value set, positional slots, the
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from usim.engine import Encoder
+from usim.engine import Encoder, Frame
 from usim.layout import Layout
 from usim.ops.base import Construction, register
 from usim.positions import Piece, Positions
@@ -104,10 +104,11 @@ class CompiledProgram(Construction):
     def title(self) -> str:
         return f"RASP {self.spec['name']!r} (max_seq_len={self.max_seq_len}{', causal' if self.spec['causal'] else ''})"
 
-    def frame(self, n: int) -> Encoder:
-        """The encoder for inputs of n tokens: the same layers, the positional pieces of n."""
+    def frame(self, n: int):
+        """The ``usim.engine.Frame`` of inputs of n tokens (None for max_seq_len: the encoder's own):
+        the positional pieces of n, the same weights."""
         if n == self.max_seq_len:
-            return self.encoder
+            return None
         frames = self.__dict__["_frames"]
         if n not in frames:
             enc = self.encoder
@@ -116,11 +117,8 @@ class CompiledProgram(Construction):
                 per_block = positional_pieces(kind, param, n)
                 pieces[enc.slots.index(name)] = [Piece(blk, lo, hi, const, coef, square=kind == "affine^2")
                                                  for blk, spec in per_block.items() for lo, hi, const, coef in spec]
-            frames[n] = Encoder(enc.slots, Positions([(1,), (n,)], pieces),
-                                [enc.slots.index("value"), enc.slots.index(self.spec["readout"])],
-                                list(enc.layers), execution=enc.execution)
-            frames[n].readout  # per token now (see from_parts)
-        frames[n].execution = self.encoder.execution
+            frames[n] = Frame(Positions([(1,), (n,)], pieces),
+                              [enc.slots.index("value"), enc.slots.index(self.spec["readout"])])
         return frames[n]
 
     def _codes(self, xs: list) -> list:
@@ -148,7 +146,7 @@ class CompiledProgram(Construction):
         dtype = dtype or getattr(torch, self.spec["dtype"])
         seq = torch.tensor([[0.0] + self._codes(r) for r in rows], dtype=dtype)
         with torch.no_grad():
-            out = self.frame(n)(seq)[:, 1:].tolist()
+            out = self.encoder(seq, frame=self.frame(n))[:, 1:].tolist()
         result = [self._decode_row(r) for r in out]
         return result if batched else result[0]
 
