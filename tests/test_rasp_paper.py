@@ -60,6 +60,9 @@ def test_shapes_beside_the_hand_constructions():
     assert (paper.compiled("matmul", 2, 3, 2).depth, paper.compiled("matmul", 2, 3, 2).width) == \
         (usim.MatMul(2, 3, 2).depth, usim.MatMul(2, 3, 2).width)
     assert paper.compiled("softmax", 2, 3).depth == usim.Softmax(2, 3).depth
+    for name, sizes in (("transpose", (3, 4)), ("matmul", (2, 3, 2)), ("cofactor", (3,))):
+        # every fetch is an affine selection: the structured execution runs it (strided views)
+        assert paper.compiled(name, *sizes).encoder.structured(torch.float32, None) is not None, name
     with pytest.raises(ValueError, match="n <= 4"):
         paper.determinant(5)
     with pytest.raises(ValueError, match="shapes"):

@@ -218,7 +218,17 @@ class _Run:
                         r = torch.arange(cell.lo[axis], cell.hi[axis], dtype=self.dtype, device=self.device)
                         value = value + c * r.reshape([1] * (axis + 1) + [-1] + [1] * (len(cell.lo) - axis - 1))
                 return (value * value if piece.square else value).expand(shape)
-        return torch.full((), -0.0, dtype=self.dtype, device=self.device).expand(shape)  # outside its pieces: 0
+        inside = [p for p in pieces if all(l < ph and pl < h for pl, ph, l, h in zip(p.lo, p.hi, cell.lo, cell.hi))]
+        if not inside:
+            return torch.full((), -0.0, dtype=self.dtype, device=self.device).expand(shape)  # outside its pieces: 0
+        # pieces covering parts of the cell (a one-hot feature): the values made over the cell, 0 elsewhere
+        out = torch.full(cell.shape, -0.0, dtype=self.dtype, device=self.device)
+        for p in inside:
+            lo = [max(pl, l) for pl, l in zip(p.lo, cell.lo)]
+            hi = [min(ph, h) for ph, h in zip(p.hi, cell.hi)]
+            grid = p.grid()[tuple(slice(a - pl, b - pl) for a, b, pl in zip(lo, hi, p.lo))]
+            out[tuple(slice(a - l, b - l) for a, b, l in zip(lo, hi, cell.lo))] = grid.to(self.dtype)
+        return out.expand(shape)
 
     def whole(self, slot: int, block: int) -> torch.Tensor:
         """The slot over the whole block (B, *shape), materialised when it is in several parts."""
@@ -396,8 +406,6 @@ class _Run:
     def split(self, block: int, slots: list) -> list:
         """The cells of a block on which each slot's field is one part."""
         parts = [cell for s in slots for cell, _ in self.parts(s, block)]
-        parts += [Cell(block, p.lo, p.hi) for s in slots if (s, block) not in self.fields  # positional pieces
-                  for p in self.p.static.get(s, {}).get(block, [])]
         shape = self.p.shapes[block]
         if all(cell.hi == shape and not any(cell.lo) for cell in parts):  # every field whole: one cell
             return [Cell(block, (0,) * len(shape), shape)]
