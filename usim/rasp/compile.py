@@ -23,6 +23,7 @@ from usim.construct import Builder
 from usim.layout import Block, Layout
 from usim.rasp import language as L
 from usim.rasp.compiled import CompiledProgram, spec_json
+from usim.rasp.encode import ordered
 from usim.rasp.emit import Emitter
 from usim.rasp.lower import lower
 from usim.rasp.values import value_sets
@@ -66,9 +67,10 @@ def compile(program, vocab, max_seq_len: int, causal: bool = False, dtype=torch.
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     if vocab is not None:
-        vocab = list(dict.fromkeys(vocab))
+        vocab = list(vocab)
         if not vocab or None in vocab:
             raise ValueError(f"vocab must be a non-empty collection of tokens (no None), got {vocab!r}")
+        vocab = ordered(vocab)  # a set's order varies from run to run; the codes must not
     order, lowered = nodes(program)
     sets = value_sets(order, vocab, max_seq_len)
     raw = any(isinstance(e, L.TokensType) and L.is_numerical(e) for e in order) or vocab is None
