@@ -82,6 +82,7 @@ def compile(program, vocab, max_seq_len: int, causal: bool = False, dtype=torch.
     for e in order:
         em.emit(e)
     decode = em.readout(program)
+    em.register_read(decode.get("reads", {}))
     layer_of = em.schedule.build(b)
     b.readout["tokens"] = decode["slot"]
     encoder = b.build()

@@ -41,7 +41,7 @@ class Emitter:
     def __init__(self, b, vocab, sets, lowered, max_seq_len, causal, raw, dtype):
         self.b, self.vocab, self.sets, self.lowered = b, vocab, sets, lowered
         self.n, self.causal, self.raw, self.dtype = max_seq_len, causal, raw, dtype
-        self.values, self.schedule, self.log, self.memo = {}, Schedule(), [], {}
+        self.values, self.schedule, self.log, self.memo, self.pending = {}, Schedule(), [], {}, {}
         self.positional = {"one": ["one", 0], "position": ["position", 0]}
         self.pos(BOS, "bos")
         self.pos(REAL, "real")
@@ -56,6 +56,24 @@ class Emitter:
             if square:
                 self.positional[name + "^2"] = ["affine^2", param]
         return name
+
+    def pos_later(self, name: str, kind: str, param) -> str:
+        """A positional slot made only if a layer or the readout reads it (``register_read``)."""
+        self.pending[name] = (kind, param)
+        return name
+
+    def register_read(self, readout: dict) -> None:
+        """Make the pending positional slots that the placed heads, units or the readout read."""
+        names = set(readout)
+        for stage in self.schedule.stages:
+            for head in stage.heads:
+                names |= {n for tier in head.tiers for q, k in tier for n in list(q) + list(k)}
+                names |= {n for src, _ in head.moves for n in src}
+            for unit in stage.units:
+                names |= {n for e in (unit.inp, unit.gate) if isinstance(e, dict) for n in e}
+            names |= {n for c in stage.copies for n in c.expr}
+        for name in sorted(names & set(self.pending)):
+            self.pos(name, *self.pending.pop(name))
 
     def slot(self, e, what: str) -> str:
         return self.b.slot(f"{e.name}#{e.id}.{what}")
@@ -171,11 +189,12 @@ class Emitter:
             output = {"encoding": "categorical", "values": x.values}
         else:
             expr, output = x.expr, {"encoding": "numerical"}
-        if len(expr) == 1 and next(iter(expr.values())) == 1.0 and next(iter(expr)) not in self.positional:
+        positional = set(self.positional) | set(self.pending)
+        if len(expr) == 1 and next(iter(expr.values())) == 1.0 and next(iter(expr)) not in positional:
             return {"slot": next(iter(expr)), "output": output}
         out = self.b.slot("result")
-        if not any(s in self.positional for s in expr) and self.schedule.fuse(expr, out, integral="values" in output) is not None:
+        if not any(s in positional for s in expr) and self.schedule.fuse(expr, out, integral="values" in output) is not None:
             return {"slot": out, "output": output}
         self.place(x.ready, [Copy(expr, out)], program)
-        return {"slot": out, "output": output}
+        return {"slot": out, "output": output, "reads": expr}
 

@@ -68,7 +68,7 @@ def _positional_table(em, e):
     exprs = []
     for j, v in enumerate(values):
         table = {str(n): _runs([x is not None and x == v for x in row]) for n, row in per_length.items()}
-        exprs.append({em.pos(f"{e.name}#{e.id}={j}", "table", table): 1.0})
+        exprs.append({em.pos_later(f"{e.name}#{e.id}={j}", "table", table): 1.0})
     em.log.append((e, [], 0))  # no layer: listed by describe() with its slots
     x = Cat(values, exprs, -1)
     return em.num(x, e) if L.is_numerical(e) else x
