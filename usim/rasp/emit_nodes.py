@@ -280,7 +280,7 @@ def _static_match(em, selector):
             if len(chosen) > 1:
                 return None
             targets.append(code[chosen[0]] if chosen else 0)
-        keys_at[str(n)] = _affine_runs([0 if k is None else code[k] for k in keys])
+        keys_at[str(n)] = _affine_runs([-1 if k is None else code[k] for k in keys])  # None: never selected
         targets_at[str(n)] = _affine_runs(targets)
     key = em.pos(f"{s.name}#{s.id}.key", "affine", keys_at)
     target = em.pos(f"{s.name}#{s.id}.target", "affine", targets_at)
