@@ -28,6 +28,7 @@ OPTIONAL = {
     "transformers": (("transformers",), "hf"),
     "matplotlib": (("matplotlib", "usim.plot("), "plot"),
     "tqdm": (("tqdm",), "progress"),
+    "tracr": (("tracr",), "tracr"),
 }
 
 

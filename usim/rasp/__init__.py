@@ -15,7 +15,7 @@ from usim.rasp.compiled import CompiledProgram
 
 
 def from_tracr(expr):
-    """A Tracr ``tracr.rasp.rasp`` program as a usim.rasp program (needs ``pip install usim[tracr]``)."""
+    """A Tracr ``tracr.rasp.rasp`` program as a usim.rasp program (needs Tracr: the [tracr] extra and tracr-pypi, docs/rasp.md)."""
     from usim.rasp.tracr import from_tracr as convert
     return convert(expr)
 

@@ -1,7 +1,7 @@
 """``from_tracr(expr)``: a program built with Tracr's ``tracr.rasp.rasp`` as a ``usim.rasp`` program.
 
-Tracr (``pip install 'usim[tracr]'``; its ``rasp`` module needs numpy, absl-py and
-typing-extensions, not JAX) and ``usim.rasp`` share names and semantics, so the conversion is node
+Tracr (the ``[tracr]`` extra, then ``pip install --no-deps tracr-pypi==1.0.0``: its ``rasp``
+module needs numpy, absl-py and typing-extensions, not JAX) and ``usim.rasp`` share names and semantics, so the conversion is node
 for node: the same functions, predicates (a Tracr ``Comparison`` becomes ours of the same name),
 defaults, names and encodings. Shared subprograms stay shared (memoised by Tracr's unique id).
 Tracr's own ``ConstantSelector`` has no weights: a ValueError names it.
@@ -16,7 +16,8 @@ def _tracr_rasp():
     try:
         from tracr.rasp import rasp
     except ImportError as e:
-        raise ImportError("from_tracr needs Tracr: pip install 'usim[tracr]' (tracr-pypi, without JAX)") from e
+        raise ImportError("from_tracr needs Tracr: pip install -e '.[tracr]' && pip install --no-deps "
+                          "tracr-pypi==1.0.0 (its rasp module, without JAX)") from e
     return rasp
 
 
