@@ -121,7 +121,7 @@ class SimulatedBertAttention(nn.Module):
 
     _ignored = {"position_ids"}  # handed to every layer by transformers 5; self-attention does not read it
 
-    def __init__(self, attention: nn.Module, seq_len: int | None = None, execution: str = "fast"):
+    def __init__(self, attention: nn.Module, seq_len: int | None = None, execution: str = "fused"):
         super().__init__()
         self.mha = SimulatedMultiheadAttention.from_torch(bert_attention_to_mha(attention), seq_len,
                                                           execution=execution)
@@ -139,7 +139,7 @@ class SimulatedBertAttention(nn.Module):
 
 
 def simulate_bert_attention(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
-                            execution: str = "fast") -> nn.Module:
+                            execution: str = "fused") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT self-attention block replaced by a
     :class:`SimulatedBertAttention` (any length; ``seq_len``, optional, is planned ahead).
 
@@ -216,7 +216,7 @@ class SimulatedBertLayer(nn.Module):
 
     _ignored = SimulatedBertAttention._ignored
 
-    def __init__(self, layer: nn.Module, seq_len: int | None = None, execution: str = "fast"):
+    def __init__(self, layer: nn.Module, seq_len: int | None = None, execution: str = "fused"):
         super().__init__()
         if seq_len is not None:
             check_size("seq_len", seq_len)
@@ -276,7 +276,7 @@ class SimulatedBertLayer(nn.Module):
 
 
 def simulate_bert_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
-                         execution: str = "fast") -> nn.Module:
+                         execution: str = "fused") -> nn.Module:
     """``model`` (deep-copied unless ``inplace``) with every BERT encoder layer replaced by a
     :class:`SimulatedBertLayer` (any length; ``seq_len``, optional, is planned ahead): attention,
     residuals, LayerNorms and feed-forward all computed by constructed encoders. Each drop-in holds

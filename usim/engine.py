@@ -31,9 +31,10 @@ from usim.average import dense_ordered_sum, ordered_sum
 from usim.plan import plan_encoder
 from usim.positions import Positions
 from usim.program import compile_encoder
+from usim.fused import plan_fused
 from usim.structured import NotStructured, compile_structured
 
-EXECUTIONS = ("fast", "dense")
+EXECUTIONS = ("fast", "dense", "fused")
 # The memory budget of the fast execution, in stream numbers (128 MiB of float32): the batch runs in
 # chunks of as many sequences as keep one chunk's largest block (structured program) or its live
 # entries (per-token program) near this many numbers; a single sequence always runs whole. Set
@@ -412,7 +413,8 @@ class Encoder(nn.Module):
     @property
     def execution(self) -> str:
         """"fast" (default): position-only selections planned once and applied as gathers (see
-        ``usim.plan``); "dense": the reference, every head scores all L x L pairs."""
+        ``usim.plan``); "dense": the reference, every head scores all L x L pairs; "fused": fast with
+        each bilinear FFN's terms and the head averaging them run as one contraction (``usim.fused``)."""
         return self._execution
 
     @execution.setter
@@ -472,12 +474,12 @@ class Encoder(nn.Module):
             seq = seq[None]
         if seq.dim() != 2 or seq.shape[1] != length:
             raise ValueError(f"sequence shape {tuple(seq.shape)} does not fit length L={length}")
-        if execution == "fast" and not self._observed():
-            program = self.program(seq.dtype, seq.device, frame)
+        if execution != "dense" and not self._observed():
+            program = self.program(seq.dtype, seq.device, frame, execution)
             rows = max(1, CHUNK // program.size)
             out = torch.cat([program.run(part) for part in seq.split(rows)])
-        else:  # the whole stream, layer by layer (what hooks observe); fast uses the head plans
-            plans = self.plans(seq.device, frame) if execution == "fast" else [None] * self.depth
+        else:  # the whole stream, layer by layer (what hooks observe); fast and fused use the head plans
+            plans = self.plans(seq.device, frame) if execution != "dense" else [None] * self.depth
             # The batch runs in chunks so that the stream and the heads' values stay near CHUNK numbers.
             heads = max([self.width] + [layer.attn.heads * layer.attn.value.shape[1]
                                         for layer in self.layers if layer.attn is not None])
@@ -500,14 +502,15 @@ class Encoder(nn.Module):
     def structured(self, dtype, device, frame: Frame | None = None, execution: str | None = None):
         """The structured program (``usim.structured``) when the fast execution runs one (no hook
         observes the stream and every selection is affine), else None."""
-        if self._execution_of(execution) != "fast" or self._observed():
+        if self._execution_of(execution) == "dense" or self._observed():
             return None
-        program = self.program(dtype, device, frame)
+        program = self.program(dtype, device, frame, execution)
         return program if getattr(program, "structured", False) else None
 
-    def program(self, dtype=torch.float64, device=None, frame: Frame | None = None):
+    def program(self, dtype=torch.float64, device=None, frame: Frame | None = None, execution: str | None = None):
         """The fast execution's compiled program (``usim.program.Program``), cached per dtype, device
-        and frame."""
+        and frame; with execution "fused" (default: ``self.execution``), the fused one (``usim.fused``)
+        where the program is structured."""
         cache = self._cache(frame)
         key = ("program", dtype, str(torch.device(device or "cpu")))
         if key not in cache:  # compiled per dtype and device (a float64 master would double the memory)
@@ -520,6 +523,10 @@ class Encoder(nn.Module):
             structured = cache["structured"]
             cache[key] = structured if structured is not None else \
                 compile_encoder(self, self._frame(frame)).to(dtype, device)
+        if self._execution_of(execution) == "fused" and getattr(cache[key], "structured", False):
+            if "fused" not in cache:  # the products contracted where the weights allow (usim.fused)
+                cache["fused"] = plan_fused(cache["structured"])
+            return cache["fused"]
         return cache[key]
 
     def _run(self, seq: torch.Tensor, plans: list, frame: Frame | None = None) -> torch.Tensor:

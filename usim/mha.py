@@ -97,7 +97,8 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
         bias: If specified, adds bias to input / output projection layers. Default: ``True``.
         kdim, vdim: Total number of features for keys and values. Default: ``embed_dim``.
         batch_first: If ``True``, input and output tensors are (batch, seq, feature). Default: ``False``.
-        execution: ``"fast"`` (default) or ``"dense"``, the simulator's execution (see ``usim.Encoder``).
+        execution: ``"fused"`` (default), ``"fast"`` or ``"dense"``, the simulator's execution (see
+            ``usim.Encoder``; docs/fused.md: fused is within 10x nn.MultiheadAttention's float error).
 
     NaN and inf in the inputs are not refused: they reach the outputs they reach in
     nn.MultiheadAttention (no host sync looks for them), except that a masked key's score takes no
@@ -109,7 +110,7 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, seq_len: int | None = None, bias: bool = True,
                  kdim: int | None = None,
                  vdim: int | None = None, batch_first: bool = False, device=None, dtype=None,
-                 execution: str = "fast"):
+                 execution: str = "fused"):
         super().__init__()
         check_size("embed_dim", embed_dim)
         check_size("num_heads", num_heads)
@@ -162,7 +163,7 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
                             self.kdim + extra, self.vdim + extra)
 
     @classmethod
-    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int | None = None, execution: str = "fast", *,
+    def from_torch(cls, mha: nn.MultiheadAttention, seq_len: int | None = None, execution: str = "fused", *,
                    share: bool = False) -> "SimulatedMultiheadAttention":
         """The drop-in for an existing ``nn.MultiheadAttention``: a copy of its weights (with their
         ``requires_grad``), or with ``share=True`` its very Parameters and ``out_proj`` module, so
@@ -308,7 +309,7 @@ class SimulatedMultiheadAttention(SharedSimulatorMixin, nn.Module):
 
 
 def simulate_attention(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
-                       execution: str = "fast") -> nn.Module:
+                       execution: str = "fused") -> nn.Module:
     """The model with every ``nn.MultiheadAttention`` replaced by an equivalent
     ``SimulatedMultiheadAttention`` (all computed by the one universal U; ``seq_len``, optional, is
     planned ahead).

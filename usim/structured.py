@@ -151,6 +151,10 @@ class Program:
     def to(self, dtype, device) -> "Program":
         return self  # coefficients are Python numbers: cast by each operation
 
+    def make_run(self, batch: int, dtype, device) -> "_Run":
+        """One forward pass's state (``usim.fused`` runs its own)."""
+        return _Run(self, batch, dtype, device)
+
     def run(self, seq: torch.Tensor) -> torch.Tensor:
         out = seq.clone()
         fields = self.forward({b: seq[:, self.offsets[b]: self.offsets[b + 1]] for b in range(len(self.shapes))},
@@ -163,7 +167,7 @@ class Program:
         """inputs: block -> (B, size) or (B, *block shape) token values (the value slot; absent
         blocks are 0) -> block -> (B, size) results at the requested computed blocks."""
         any_input = next(iter(inputs.values()))
-        run = _Run(self, any_input.shape[0], any_input.dtype, any_input.device)
+        run = self.make_run(any_input.shape[0], any_input.dtype, any_input.device)
         for b, t in inputs.items():
             run.fields[self.value, b] = [(Cell(b, (0,) * len(self.shapes[b]), self.shapes[b]),
                                           t.reshape(t.shape[0], *self.shapes[b]))]

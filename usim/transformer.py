@@ -86,7 +86,7 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
     def __init__(self, d_model: int, nhead: int, seq_len: int | None = None, dim_feedforward: int = 2048,
                  dropout: float = 0.1,
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False,
-                 bias: bool = True, device=None, dtype=None, execution: str = "fast"):
+                 bias: bool = True, device=None, dtype=None, execution: str = "fused"):
         super().__init__()
         check_size("d_model", d_model)
         check_size("nhead", nhead)
@@ -126,7 +126,7 @@ class SimulatedTransformerEncoderLayer(SharedSimulatorMixin, nn.Module):
         return _Shared((self._activation, bool(self.norm_first)), shared_layer)
 
     @classmethod
-    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int | None = None, execution: str = "fast", *,
+    def from_torch(cls, layer: nn.TransformerEncoderLayer, seq_len: int | None = None, execution: str = "fused", *,
                    share: bool = False) -> "SimulatedTransformerEncoderLayer":
         """The drop-in with the weights, options and mode of an ``nn.TransformerEncoderLayer``: a copy
         of its weights (with their ``requires_grad``), or with ``share=True`` its very submodules
@@ -263,7 +263,7 @@ def additive_mask(src_mask, key_padding_mask, x: torch.Tensor, heads: int, unbat
     return total.expand(batch, heads, length, length) if total is not None and total.dim() == 4 else total
 
 
-def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False, execution: str = "fast") -> nn.Module:
+def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False, execution: str = "fused") -> nn.Module:
     """The model with every ``nn.TransformerEncoderLayer`` replaced by the equivalent
     ``SimulatedTransformerEncoderLayer`` (same weights; ``seq_len``, optional, is planned ahead).
 

@@ -155,7 +155,15 @@ class Construction(nn.Module):
         return f"{self.kind}({', '.join(f'{k}={v}' for k, v in self.args.items())})"
 
     def describe(self) -> str:
-        return describe(self.encoder, title=self.title)
+        """Layers, heads, slots read and written; with execution "fused", the places fused and not."""
+        text = describe(self.encoder, title=self.title)
+        if self.execution != "fused":
+            return text
+        program = self.encoder.program()
+        if hasattr(program, "places"):
+            return text + "\n" + program.describe(self.encoder.slots)
+        why = self.encoder._cache().get("why not structured", "")
+        return text + f"\nfused execution: not structured ({why}): runs as fast, per token"
 
     def extra_repr(self) -> str:
         return ", ".join([f"{k}={v}" for k, v in self.args.items()] + [f"depth={self.depth}", f"width={self.width}"])
