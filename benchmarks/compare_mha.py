@@ -6,18 +6,19 @@
 
 For each order n = d, in a fresh subprocess (so that its peak memory is its own):
 
-* U = usim.UniversalSimulator(n, d) with execution "fast" (and "dense" up to --dense-max): build
-  time, first-call time (planning and compiling the fast program), then the median of --repeats
+* U = usim.UniversalSimulator(n, d) with execution "fast", "fused" (and "dense" up to --dense-max):
+  build time, first-call time (planning and compiling the program), then the median of --repeats
   timed calls after a warm-up; its max error against a float64 reference;
 * the direct computation softmax(x a xᵀ)(x v) and nn.MultiheadAttention(d, 1), timed the same way,
   with their own float32 error against float64;
-* the drop-in usim.SimulatedMultiheadAttention.from_torch(mha) (up to --drop-in-max), against mha;
+* the drop-in usim.SimulatedMultiheadAttention.from_torch(mha) (up to --drop-in-max), against mha:
+  "drop-in" with its default execution (fused), "drop-in fast" with the bitwise-ordered one;
 * the *term floor*: the same attention in plain torch with every product term formed (a broadcast
   multiply of the two operands, the term axis last, then a sum over it; the work U's construction
   does), timed in the same process; every row's "× floor" is its time over it.
 
 Writes <out>/<device>.json, .csv, .md (the table quoted in README) and .png (when matplotlib is
-installed); <out> is benchmarks/results for a full run (no --quick, no --orders) and
+installed); <out> is benchmarks/results for a full run (no --quick, no --orders) with --write, and
 benchmarks/results/partial otherwise, unless --out is given. Exits 1 when an order failed. Peak memory: CUDA, torch.cuda.max_memory_allocated; CPU, the subprocess's maximum
 resident set (ru_maxrss, including the ~0.3 GB of the Python + torch process itself).
 """
@@ -106,7 +107,7 @@ def one(order: int, args) -> list[dict]:
         mha_err = (mha(x, x, x, need_weights=False)[0].double() - mha_reference).abs().max().item()
     rows.append({**base, "method": "nn.MultiheadAttention", "time_s": mha_time, "max_err": mha_err})
 
-    modes = ["fast"] + (["dense"] if order <= args.dense_max else [])
+    modes = ["fast", "fused"] + (["dense"] if order <= args.dense_max else [])
     for mode in modes:
         start = time.perf_counter()
         u = usim.UniversalSimulator(n, d, execution=mode).to(device)
@@ -118,23 +119,24 @@ def one(order: int, args) -> list[dict]:
             torch.cuda.synchronize()
         first = time.perf_counter() - start
         with torch.no_grad():
-            t = timed(lambda: u(x, a, v), device, args.repeats if mode == "fast" else 1)
+            t = timed(lambda: u(x, a, v), device, args.repeats if mode != "dense" else 1)
             again = u(x, a, v)
         rows.append({**base, "method": f"U {mode}", "time_s": t, "max_err": error(y), "build_s": build,
                      "first_call_s": first, "L": u.encoder.length, "depth": u.depth, "width": u.width,
                      "repeatable": bool(torch.equal(y, again))})
         del u
 
-    if order <= args.drop_in_max:
+    for mode in ("fused", "fast") if order <= args.drop_in_max else ():
         start = time.perf_counter()
-        sim = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n)
+        sim = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n, execution=mode)
         build = time.perf_counter() - start
         with torch.no_grad():
             start = time.perf_counter()
             out = sim(x, x, x, need_weights=False)[0]
             first = time.perf_counter() - start
             t = timed(lambda: sim(x, x, x, need_weights=False), device, args.repeats)
-        rows.append({**base, "method": "drop-in", "time_s": t, "build_s": build, "first_call_s": first,
+        rows.append({**base, "method": "drop-in" if mode == "fused" else f"drop-in {mode}", "time_s": t,
+                     "build_s": build, "first_call_s": first,
                      "max_err": (out.double() - mha_reference).abs().max().item(),
                      "L": sim.simulator.encoder.length})
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
@@ -258,6 +260,8 @@ def main() -> None:
     parser.add_argument("--drop-in-max", type=int, default=16, help="largest order run through the drop-in")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per order (subprocess)")
     parser.add_argument("--quick", action="store_true", help="orders 2 and 4, 3 repeats")
+    parser.add_argument("--write", action="store_true",
+                        help="a full run replaces benchmarks/results (without it: benchmarks/results/partial)")
     parser.add_argument("--minilm", action="store_true", help="also try the 384-wide, 12-head drop-in")
     parser.add_argument("--out", help="results folder (default: benchmarks/results for a full run, "
                                       "benchmarks/results/partial for --quick or --orders)")
@@ -292,7 +296,7 @@ def main() -> None:
             "threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats,
             "allocator": ALLOCATOR_SETTINGS,
             "growth_exponent_U_fast": growth(rows, "U fast"), "growth_exponent_direct": growth(rows, "direct")}
-    out = results_folder(args.out, full)
+    out = results_folder(args.out, full and args.write)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.device}{'' if args.dtype == 'float32' else '_' + args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

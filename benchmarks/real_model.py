@@ -275,7 +275,8 @@ def main() -> None:
                         help="simulate whole layers (attention, residuals, LayerNorms, FFN), not only the attention")
     parser.add_argument("--first", type=int, help="simulate only the first K layers (default: all)")
     parser.add_argument("--max-tokens", type=int, help="only the sentences of at most this many tokens")
-    parser.add_argument("--execution", choices=["fast", "dense"], default="fast")
+    parser.add_argument("--execution", choices=["fused", "fast", "dense"], default="fused",
+                        help="the simulators' execution (default: fused, the drop-ins' default)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of MiniLM (smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--max-gb", type=float, default=24,
@@ -293,7 +294,7 @@ def main() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     result = run(args)
     full = (not args.tiny and args.first is None and args.max_tokens is None and args.seq_len is None
-            and args.execution == "fast")  # --layers or not: each has its own results file
+            and args.execution == "fused")  # --layers or not: each has its own results file
     out = results_folder(args.out, full)
     out.mkdir(parents=True, exist_ok=True)
     stem = "real_model" + ("_layers" + ("_tiny" if args.tiny else "") if args.layers else "")

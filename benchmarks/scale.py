@@ -5,16 +5,20 @@ and reports: construction time, first call (planning + compiling + running), the
 calls, the peak memory, and the error against a float64 reference next to nn.MultiheadAttention's
 own float32 error (or, for U, the direct float32 torch computation's).
 
+Each case runs the "fast" execution (bitwise-ordered: every product term formed) and the "fused" one
+(the drop-ins' default: each product's terms and their average one contraction), one row each.
 Every warm time is also given as a ratio to the *term floor* measured in the same process: the same
 attention in plain torch with every product term formed (a broadcast multiply of the two operands,
-the term axis last, then a sum over it), the work U's construction does.
+the term axis last, then a sum over it), the work the fast execution does. It is the cheapest such
+floor: each head's projection terms (B, n, r, E) are formed and summed one head at a time, never
+all heads at once.
 
     python benchmarks/scale.py                      # every case below, results in benchmarks/results/
     python benchmarks/scale.py --cases dropin-64x8  # some of them
 
-Results: benchmarks/results/scale.{json,md} for a run of every case; a run of some cases writes
-benchmarks/results/partial/scale.{json,md} (--out DIR to choose), so it never replaces the committed
-results. The largest case needs about 4 GB and half a minute.
+Results: benchmarks/results/scale.{json,md} for a run of every case with --write; any other run
+writes benchmarks/results/partial/scale.{json,md} (--out DIR to choose), so it never replaces the
+committed results. The largest case needs about 4 GB and half a minute.
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ def term_floor_mha(x, mha):
     r = e // h
     w = mha.in_proj_weight.detach().reshape(3, h, r, e)  # (3, H, r, E): row (head, j) of W_Q, W_K, W_V
     b = mha.in_proj_bias.detach().reshape(3, h, 1, r)
-    q, k, v = ((x[:, None, :, None, :] * w[i][None, :, None]).sum(-1) + b[i] for i in range(3))  # (B, H, n, r)
+    # each head's terms (B, n, r, E) one head at a time: the cheapest floor (no (B, H, n, r, E) tensor)
+    q, k, v = (torch.stack([(x[:, :, None, :] * w[i, j]).sum(-1) for j in range(h)], 1) + b[i]
+               for i in range(3))  # (B, H, n, r)
     q = q * r ** -0.5
     s = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1)  # (B, H, n, n)
     p = torch.softmax(s, -1)
@@ -85,7 +91,7 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def run_case(name: str, repeats: int) -> dict:
+def run_case(name: str, repeats: int, execution: str) -> dict:
     import usim
 
     kind, sizes = CASES[name]
@@ -97,7 +103,7 @@ def run_case(name: str, repeats: int) -> dict:
         with torch.no_grad():  # biases as in a trained model, not zero
             mha.in_proj_bias.normal_(0, 0.1)
             mha.out_proj.bias.normal_(0, 0.1)
-        module = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n)
+        module = usim.SimulatedMultiheadAttention.from_torch(mha, seq_len=n, execution=execution)
         x = torch.randn(batch, n, embed_dim)
         call = lambda: module(x, x, x, need_weights=False)[0]  # noqa: E731
         floor = lambda: term_floor_mha(x, mha)  # noqa: E731
@@ -109,7 +115,7 @@ def run_case(name: str, repeats: int) -> dict:
         baseline_name = "nn.MultiheadAttention float32"
     else:
         n, d, heads, batch = sizes
-        module = usim.UniversalSimulator(n, d, heads=heads)
+        module = usim.UniversalSimulator(n, d, heads=heads, execution=execution)
         x, a, v = torch.randn(batch, n, d), torch.randn(d, d) / d, torch.randn(d, d)
         call = lambda: module(x, a, v)  # noqa: E731
         floor = lambda: term_floor_u(x, a, v)  # noqa: E731
@@ -133,7 +139,7 @@ def run_case(name: str, repeats: int) -> dict:
     baseline_error = (baseline.double() - ref).abs().max().item()
     encoder = module.simulator.encoder if kind == "dropin" else module.encoder
     return {
-        "case": name, "kind": kind, "sizes": sizes, "tokens": encoder.length, "stream slots": encoder.stream_width,
+        "case": name, "execution": execution, "kind": kind, "sizes": sizes, "tokens": encoder.length, "stream slots": encoder.stream_width,
         "depth": encoder.depth, "construction s": round(built, 3), "first call s": round(first, 3),
         "construction + first call s": round(built + first, 3), "warm call s (median)": round(warm, 4),
         "term floor s": round(floor_s, 5), "warm / floor": round(warm / floor_s, 1),
@@ -156,38 +162,43 @@ def main() -> None:
     parser.add_argument("--default-allocator", action="store_true",
                         help="run the cases without benchmarks/common.py's ALLOCATOR settings (huge pages, malloc "
                              "keeping large blocks) unless the environment sets them")
+    parser.add_argument("--executions", nargs="+", default=["fast", "fused"], choices=["fast", "fused"])
+    parser.add_argument("--write", action="store_true",
+                        help="a run of every case replaces benchmarks/results (without it: benchmarks/results/partial)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
+    parser.add_argument("--execution", default="fast", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         torch.set_num_threads(args.threads)
-        print(json.dumps(run_case(args.one, args.repeats)))
+        print(json.dumps(run_case(args.one, args.repeats, args.execution)))
         return
     env = dict(os.environ)
     if not args.default_allocator:  # see benchmarks/common.py (the environment's own settings win)
         env = {**ALLOCATOR, **env}
     rows = []
     for name in args.cases:
-        print(f"{name} ...", flush=True)
-        try:
-            proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
-                                   "--threads", str(args.threads)], capture_output=True, text=True,
-                                  timeout=args.timeout, env=env)
-            if proc.returncode:
-                lines = proc.stderr.strip().splitlines()
-                why = lines[-1][:300] if lines else f"killed (exit status {proc.returncode}; out of memory?)"
-                rows.append({"case": name, "failed": why})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        except subprocess.TimeoutExpired:
-            rows.append({"case": name, "failed": f"timeout after {args.timeout} s"})
-        print(json.dumps(rows[-1]), flush=True)
+        for execution in args.executions:
+            print(f"{name} ({execution}) ...", flush=True)
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--one", name, "--repeats", str(args.repeats),
+                                       "--threads", str(args.threads), "--execution", execution],
+                                      capture_output=True, text=True, timeout=args.timeout, env=env)
+                if proc.returncode:
+                    lines = proc.stderr.strip().splitlines()
+                    why = lines[-1][:300] if lines else f"killed (exit status {proc.returncode}; out of memory?)"
+                    rows.append({"case": name, "execution": execution, "failed": why})
+                else:
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            except subprocess.TimeoutExpired:
+                rows.append({"case": name, "execution": execution, "failed": f"timeout after {args.timeout} s"})
+            print(json.dumps(rows[-1]), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
             "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
             "allocator": {k: env.get(k) for k in ALLOCATOR}, "load average": os.getloadavg()}
-    out = results_folder(args.out, sorted(args.cases) == sorted(CASES))
+    out = results_folder(args.out, sorted(args.cases) == sorted(CASES) and args.write)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    columns = ["case", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",
+    columns = ["case", "execution", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",
                "warm / floor", "warm / direct", "peak GB", "max error", "baseline error", "error / baseline"]
     lines = [f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, float32 (batch in the case name, else 1), "
              f"{allocator_text(meta['allocator'])}, load average {meta['load average'][0]:.1f} "
@@ -195,7 +206,7 @@ def main() -> None:
              "|" + "---|" * len(columns)]
     for row in rows:
         if "failed" in row:
-            lines.append(f"| {row['case']} | failed: {row['failed']} |" + " |" * (len(columns) - 2))
+            lines.append(f"| {row['case']} | {row['execution']} | failed: {row['failed']} |" + " |" * (len(columns) - 3))
         else:
             lines.append("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c])
                                            for c in columns) + " |")

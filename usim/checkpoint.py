@@ -600,15 +600,17 @@ def load_encoder(path, *, verify: bool = True):
     return _load(path, verify, known_kind=False)
 
 
-def load(path, execution: str = "fast", *, verify: bool = True):
+def load(path, execution: str | None = None, *, verify: bool = True):
     """Rebuild the saved construction from the file (verified as ``load_encoder`` says); execution
-    is "fast" or "dense" (see ``usim.Encoder.execution``). ValueError for an unknown kind."""
+    is "fast", "fused" or "dense" (see ``usim.Encoder.execution``; default: "fused" for a drop-in,
+    "fast" for the rest, as when built). ValueError for an unknown kind."""
     from usim.ops.base import REGISTRY
 
     metadata, tensors = _read(os.fspath(path))
     module = metadata.get("usim.module", "")
     if f'"{DROP_IN}"' in module:  # a drop-in: its MHA weights and sizes
-        return _load_drop_in(metadata, tensors, os.fspath(path), verify, execution)
+        return _load_drop_in(metadata, tensors, os.fspath(path), verify, execution or "fused")
+    execution = execution or "fast"
     encoder, layout, kind, args = _load(path, verify, known_kind=True)
     encoder.execution = execution
     if kind == "Encoder":
