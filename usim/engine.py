@@ -14,9 +14,11 @@ positional penalty in one float sum, so no precision is lost. Most heads have a 
 The residual stream has one scalar slot per name (``Encoder.slots``); the constructions in
 ``usim.construct`` read and write slots by name.
 
-Two executions of the same weights (``Encoder.execution``): "dense", the reference, scores all
+Three executions of the same weights (``Encoder.execution``): "dense", the reference, scores all
 L x L pairs of every head; "fast" (default) plans the position-only selections once and runs only
-the entries the result depends on (``usim.plan``, ``usim.program``). Each sublayer reads and writes only the stream
+the entries the result depends on (``usim.plan``, ``usim.program``, ``usim.structured``); "fused" is
+fast with each bilinear FFN's terms and the averaging head reading them run as one contraction
+(``usim.fused``: close to dense, not bitwise). Each sublayer reads and writes only the stream
 columns its weights use: the other columns would only add exact zeros.
 """
 

@@ -73,6 +73,9 @@ class FusedProgram(Program):
     def __init__(self, base: Program, layers: list, products: dict, places: list):
         super().__init__(base.shapes, base.offsets, base.static, base.value, layers, base.outputs)
         self.products, self.places = products, places
+        # the head steps that read a product (the others run as in the structured execution)
+        self.contracting = {id(step) for heads, _ in layers for step in heads
+                            if any((s, sel.key_block) in products for _, sel in step.cells for row in step.values for s, _ in row)}
 
     def make_run(self, batch, dtype, device) -> "_FusedRun":
         return _FusedRun(self, batch, dtype, device)
@@ -137,7 +140,7 @@ def plan_fused(base: Program, slots: list | None = None) -> FusedProgram:
     layers = base.layers
     reads, writes = _reads(layers), _writes(layers)
     outputs = {(s, b) for b, s in base.outputs}
-    products, places, fused_heads = {}, [], set()
+    products, places = {}, []
     for i, (heads, _) in enumerate(layers):
         for step in heads:
             averaged = {(s, sel.key_block) for cell, sel in step.cells if sel.free for row in step.values for s, _ in row}
@@ -155,7 +158,6 @@ def plan_fused(base: Program, slots: list | None = None) -> FusedProgram:
                 places.append(Place(i, step.block, s, kb, units is not None, why or "bilinear FFN, read only here"))
                 if units is not None:
                     products[s, kb] = Product(s, kb, units, j)
-                    fused_heads.add(id(step))
     # a product is fused only if every place reading it is
     for p in places:
         if p.fused and not all(q.fused for q in places if (q.slot, q.key_block) == (p.slot, p.key_block)):
@@ -232,9 +234,9 @@ class _FusedRun(_Run):
     """A structured run whose averaging heads contract the products they read (``Product``)."""
 
     def head(self, step: HeadStep) -> list:
-        products = self.p.products
-        if not any((s, sel.key_block) in products for _, sel in step.cells for row in step.values for s, _ in row):
+        if id(step) not in self.p.contracting:
             return super().head(step)
+        products = self.p.products
         writes = []
         for cell, sel in step.cells:
             rest = [[(s, c) for s, c in row if (s, sel.key_block) not in products

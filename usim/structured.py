@@ -306,6 +306,9 @@ class _Run:
 
     def select(self, step: HeadStep, cell: Cell, sel: Selection) -> list:
         """Per value row, the mean over the kept keys at each query of the cell (B, *cell)."""
+        if not step.tiers and not sel.free and all(len(row) == 1 and row[0][1] == 1 for row in step.values):
+            # one key per query, one slot per row (a fetch): the row is the view itself
+            return [self.view(row[0][0], cell, sel) for row in step.values]
         views = {s: self.view(s, cell, sel) for s in {s for row in step.values for s, _ in row} |
                  {s for tier in step.tiers for _, k in tier for s, _ in k}}
         queries = {s: self.at(s, cell) for s in {s for tier in step.tiers for q, _ in tier for s, _ in q}}
