@@ -155,7 +155,8 @@ def test_a_bias_on_the_terms_keeps_them_formed_and_says_why(seed):
     text = u.describe()
     assert "xa.term of block" in text and "formed (the FFN adds a bias to it)" in text
     assert "s.term of block" in text and "fused (bilinear FFN, read only here)" in text
-    assert "formed (its FFN's activation is exp, not bilinear)" in text  # the softmax's row mean
+    row_mean = [line for line in text.splitlines() if "averages p.e of block" in line]  # the softmax's
+    assert row_mean and all(": formed (" in line for line in row_mean)  # exp terms, read again by p = e * r
 
 
 def test_describe_shows_the_places_only_when_fused():
