@@ -301,10 +301,9 @@ class _FusedRun(_Run):
             for s, parts in zip((left, right), fields):
                 inside = [(part, t) for part, t in parts if all(part.lo[k] <= lo and hi < part.hi[k]
                                                                  for k, (lo, hi) in span.items())]
-                if not inside or inside[0][1] is None:
-                    views.append(self.view(s, cell, sub))  # across parts (copied whole) or positional
-                else:
-                    views.append(_part_view(*inside[0], cell, sub, self.batch))
+                view = _part_view(*inside[0], cell, sub, self.batch) if inside and inside[0][1] is not None else None
+                # across parts (copied whole), positional, or walking keys backwards: as the structured run
+                views.append(self.view(s, cell, sub) if view is None else view)
             pairs.append(tuple(views))
         return pairs
 
@@ -322,12 +321,15 @@ def _bounds(sel: Selection, k: int, cell: Cell) -> tuple:
     return low, high
 
 
-def _part_view(part: Cell, t: torch.Tensor, cell: Cell, sel: Selection, batch: int) -> torch.Tensor:
-    """(B, *cell shape, *free sizes): one part of a field (t over part) at each query's keys."""
+def _part_view(part: Cell, t: torch.Tensor, cell: Cell, sel: Selection, batch: int):
+    """(B, *cell shape, *free sizes): one part of a field (t over part) at each query's keys (None
+    where the keys go backwards along a query axis)."""
     origin = [sel.m[k] + sum(c * l for c, l in zip(sel.M[k], cell.lo)) - part.lo[k] for k in range(t.dim() - 1)]
     keys = t[(slice(None),) + tuple(slice(o, None) for o in origin)]
     stride = keys.stride()[1:]
     sizes = [batch, *cell.shape] + [h - l for _, l, h in sel.free]
     strides = [keys.stride(0)] + [sum(stride[k] * sel.M[k][a] for k in range(len(stride)))
                                   for a in range(len(cell.lo))] + [stride[a] for a, _, _ in sel.free]
+    if any(st < 0 for st in strides):
+        return None  # a reversal: the structured run's view flips it
     return keys.as_strided(sizes, strides)
