@@ -33,18 +33,20 @@ total = keys * mean (``keys``: the positional feature m at the softmax tokens, 1
 r = 1 / total; then p = e * r. With a key mask (a block of m flags, 1 = the key is ignored),
 a head in the first layer of the pipeline copies the flag of its column into ``drop`` at the
 softmax blocks' tokens (address ``kp.*``) and the 0 of ``null`` everywhere else, so every row
-elsewhere keeps a key. A masked key's score then takes part in no arithmetic at all, whatever it
-is (huge, -inf, NaN; the kept scores as low as the dtype allows):
+elsewhere keeps a key. A masked key's weight is then exactly 0 whatever the scores (huge, +-inf; the
+kept scores as low as the dtype allows), and no step compares a score with a constant:
 
-    layer 1  heads: max = the largest kept score of the row; x = the token's own score if its key
-             is kept, else the score of the nearest kept key of its row (selections, so x <= max
-             and both are kept scores), and full = that key's flag (1 only in a row whose every
-             key is masked);  FFN exp: e0 = exp(x - max) in [0, 1]
-    layer 2  FFN bilinear: e = e0 * (1 - drop), exactly 0 for a masked key
+    layer 1  head: max = the largest kept score of the row, full = that key's flag (1 only in a row
+             whose every key is masked); FFN relu: under = relu(max - s) (max - s for a kept key,
+             one rounding, as torch's s - max; 0 or +inf where max - s overflows)
+    layer 2  FFN exp: e = exp(-under - MASKED * drop): a sum of two non-positive numbers, so no
+             cancellation: exp(s - max) for a kept key, exactly 0 for a masked one
     layers 3-5  as above, with r = 1 / (total + full): a fully masked row has e = 0, r = 1
 
 so masked keys get weight exactly 0 and a row whose every key is masked gets weights 0 (torch's
-scaled_dot_product_attention does the same), with finite gradients. Five layers.
+scaled_dot_product_attention does the same), with finite gradients. A masked key's NaN score makes
+its row NaN (as an additive mask does in torch). The heads select per row, never per entry, so the
+stage costs O(n m) per block. Five layers.
 
 A layernorm stage, row-wise over a block z (n, E) into a new block of its shape (torch's LayerNorm:
 biased variance, eps inside the root), is three layers. Output token (i, k) carries the address of
@@ -82,6 +84,9 @@ from usim.layout import Layout
 from usim.progress import track
 
 ADDRESS = ("block", "row", "col")
+# exp(-u - MASKED) is 0 for every u >= 0 in float32 and float64 (the exponent is never compared with
+# a score: a masked key's weight is 0 whatever the scores are)
+MASKED = 1e30
 MIXING = "a fetch may mix only 'value', one matmul output and one layernorm output"
 
 
@@ -382,13 +387,14 @@ class Pipeline:
         norm = {total: 1.0}  # the row sum (+ 1 in a fully masked row)
         if keep is None:
             b.layer(heads, FFN("exp", [Unit({src: 1.0, top: -1.0}, e)]))
-        else:  # a masked key's score is never read: x is a kept key's score (x <= max), its weight
-            #      e0 * (1 - drop) is exactly 0, and a fully masked row (full = 1) divides 0 by 1
-            x, e0, full = b.slot(f"{tag}x"), b.slot(f"{tag}exp"), b.slot(f"{tag}full")
-            nearest = [({"col": 2.0}, {"col": 1.0}), ({ONE: -1.0}, {"col^2": 1.0})]  # -(col_k - col_q)^2 + const
-            heads.append(Head([row, *self._kept(keep), nearest], [(src, x), ("drop", full)], name=f"{tag}kept"))
-            b.layer(heads, FFN("exp", [Unit({x: 1.0, top: -1.0}, e0)]))
-            b.layer(ffn=FFN("bilinear", [Unit(e0, e, gate={ONE: 1.0, "drop": -1.0})]))
+        else:  # under = relu(max - s) >= 0 is max - s exactly for a kept key; a masked key's exponent
+            #      -under - MASKED * drop adds two non-positive numbers (no cancellation), so its e is
+            #      exactly 0 whatever the kept scores (+-inf scores too; NaN makes its row NaN).
+            #      full = the flag of the max head's key: 1 only in a row whose every key is masked.
+            under, full = b.slot(f"{tag}under"), b.slot(f"{tag}full")
+            heads = [Head([row, *self._kept(keep), maximize(src)], [(src, top), ("drop", full)], name=f"{tag}max")]
+            b.layer(heads, FFN("relu", [Unit({top: 1.0, src: -1.0}, under)]))
+            b.layer(ffn=FFN("exp", [Unit({under: -1.0, "drop": -MASKED}, e)]))
             norm[full] = 1.0
         # the row sum m * mean (m the positional feature ``keys``), then its reciprocal
         b.layer([Head([row], [(e, mean)], name=f"{tag}sum", average=True)],
