@@ -15,8 +15,8 @@ W_Q, b_Q in float64, differentiably). Per call it only moves data:
 
 runs the encoder and writes the new tokens' keys (after RoPE) and values into the cache (``update``),
 as HF's attention does. Encoders are shared by every layer of one form (sizes, norm, biases, MLP,
-rotary features, residual) and built per shape on first use: n and p are padded up to powers of two
-(at least 8), or to ``seq_len`` when it is given; padded keys are masked out.
+rotary features, residual) and built per shape on first use: n new and p cached tokens are padded up
+to powers of two (p to at least 8, or to ``seq_len`` when it is given); padded keys are masked out.
 """
 
 from __future__ import annotations
@@ -63,14 +63,15 @@ def shared_decoder(form: DecoderForm, n: int, past: int, execution: str) -> Deco
     return sim
 
 
-def _bucket(size: int, seq_len: int | None) -> int:
+def _bucket(size: int, seq_len: int | None, least: int = 1) -> int:
+    """The size an encoder is built for: 0, ``seq_len`` (when given), else the next power of two >= least."""
     if size == 0:
         return 0
     if seq_len is not None:
         if size > seq_len:
             raise ValueError(f"{size} tokens exceed seq_len {seq_len}")
         return seq_len
-    return max(8, 1 << (size - 1).bit_length())
+    return max(least, 1 << (size - 1).bit_length())
 
 
 def _activation(fn) -> str:
@@ -232,7 +233,7 @@ class SimulatedDecoderLayer(nn.Module):
                 raise ValueError(f"{self.kind}: position_embeddings (cos, sin) are needed (the model computes them)")
             cos, sin = embeddings
             form = replace(form, rot=cos.shape[-1])
-        sim = shared_decoder(form, _bucket(n, self.seq_len), _bucket(past, self.seq_len), self.execution)
+        sim = shared_decoder(form, _bucket(n, None), _bucket(past, self.seq_len, least=8), self.execution)
         y, keys, values = sim(x, self.weights(x.dtype), self.eps(), keep, cos, sin, past_keys, past_values)
         if cache is not None:
             (getattr(cache, "self_attention_cache", None) or cache).update(keys, values, self.layer_idx)
@@ -298,6 +299,11 @@ def _keep(mask, batch: int, n: int, past: int, window, device) -> torch.Tensor:
 def _is_decoder_layer(module: nn.Module) -> bool:
     name = type(module).__name__
     return name in SUPPORTED or name.endswith("DecoderLayer")
+
+
+def has_decoder_layers(model: nn.Module) -> bool:
+    """Whether the model holds a Hugging Face decoder layer (supported or not)."""
+    return any(_is_decoder_layer(m) for m in model.modules())
 
 
 def simulate_decoder_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
