@@ -55,15 +55,17 @@ def test_any_mask_form(attn):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generate_equals_eager(family):
-    """24 greedy tokens, with the KV cache (the encoder's new keys and values written into HF's
-    cache, the cached ones passed back in) and without; fixed seeds (greedy decoding of near ties)."""
+    """24 greedy tokens with the KV cache (the encoder's new keys and values written into HF's cache,
+    the cached ones passed back in), 12 without (every step recomputes the whole sequence); fixed
+    seeds (greedy decoding of near ties)."""
     ids, mask = left_padded()
     model = tiny_decoder(family, "eager", layers=1)
     sim = simulate_decoder_layers(model)
     with torch.no_grad():
-        for use_cache in (True, False):
-            ours = sim.generate(ids, attention_mask=mask, use_cache=use_cache, **GENERATE)
-            ref = model.generate(ids, attention_mask=mask, use_cache=use_cache, **GENERATE)
+        for use_cache, tokens in ((True, 24), (False, 12)):
+            options = {**GENERATE, "max_new_tokens": tokens, "use_cache": use_cache}
+            ours = sim.generate(ids, attention_mask=mask, **options)
+            ref = model.generate(ids, attention_mask=mask, **options)
             assert torch.equal(ours, ref), (family, use_cache, ours, ref)
 
 
@@ -170,3 +172,19 @@ def test_no_direct_op_on_the_hidden_states(family):
                 F.linear(torch.ones(2), torch.ones(1, 2))
             state.layer = False
     assert torch.equal(ours, ref) and calls == ["DecoderLayerSimulator"] * 3
+
+
+def test_changed_weights_are_seen():
+    """Folded weights are kept between calls without gradients, and folded again after a change."""
+    ids, mask = left_padded()
+    model = tiny_decoder("gpt2")
+    sim = simulate_decoder_layers(model, inplace=True)
+    with torch.no_grad():
+        before = sim(ids, attention_mask=mask).logits
+        sim.transformer.h[0].mlp.c_proj.weight.mul_(2)
+        after = sim(ids, attention_mask=mask).logits
+        eager = tiny_decoder("gpt2")
+        eager.transformer.h[0].mlp.c_proj.weight.mul_(2)
+        ref = eager(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert not torch.allclose(before[real], after[real]) and torch.allclose(after[real], ref[real], atol=1e-5)

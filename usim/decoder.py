@@ -203,6 +203,16 @@ class SimulatedDecoderLayer(nn.Module):
         out.update({k: v for k, v in mlp.items() if v is not None})
         return {k: v.to(dtype) for k, v in out.items()}
 
+    def _weights(self, dtype) -> dict:
+        """``weights(dtype)``, folded again only when a parameter changed (or gradients are wanted)."""
+        params = list(self.parameters())
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self.weights(dtype)
+        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        if getattr(self, "_folded", None) is None or self._folded[0] != key:
+            self._folded = (key, {k: v.detach() for k, v in self.weights(dtype).items()})
+        return self._folded[1]
+
     # --- the call ---------------------------------------------------------------------------
     def forward(self, hidden_states, *args, **kwargs):
         call = self._signature.bind(self, hidden_states, *args, **kwargs).arguments
@@ -234,7 +244,7 @@ class SimulatedDecoderLayer(nn.Module):
             cos, sin = embeddings
             form = replace(form, rot=cos.shape[-1])
         sim = shared_decoder(form, _bucket(n, None), _bucket(past, self.seq_len, least=8), self.execution)
-        y, keys, values = sim(x, self.weights(x.dtype), self.eps(), keep, cos, sin, past_keys, past_values)
+        y, keys, values = sim(x, self._weights(x.dtype), self.eps(), keep, cos, sin, past_keys, past_values)
         if cache is not None:
             (getattr(cache, "self_attention_cache", None) or cache).update(keys, values, self.layer_idx)
         return y
