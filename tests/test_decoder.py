@@ -25,14 +25,19 @@ def _layers(model):
     return [m for m in model.modules() if isinstance(m, SimulatedDecoderLayer)]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+VARIANTS = {"llama, biases and MQA": ("llama", {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1}),
+            "neox, sequential residual": ("neox", {"use_parallel_residual": False, "rotary_pct": 1.0})}
+
+
+@pytest.mark.parametrize("family", FAMILIES + list(VARIANTS))
 def test_logits_within_eager_error_of_float64(family):
+    family, options = VARIANTS.get(family, (family, {}))
     ids, mask = left_padded()
     real = mask.bool()
     with torch.no_grad():
-        ref = tiny_decoder(family, "sdpa").double()(ids, attention_mask=mask).logits[real]
-        eager = tiny_decoder(family, "eager")(ids, attention_mask=mask).logits[real]
-        sim = simulate_decoder_layers(tiny_decoder(family, "sdpa"))
+        ref = tiny_decoder(family, "sdpa", **options).double()(ids, attention_mask=mask).logits[real]
+        eager = tiny_decoder(family, "eager", **options)(ids, attention_mask=mask).logits[real]
+        sim = simulate_decoder_layers(tiny_decoder(family, "sdpa", **options))
         ours = sim(ids, attention_mask=mask).logits[real]
     assert len(_layers(sim)) == 2
     err, eager_err = (ours.double() - ref).abs().max().item(), (eager.double() - ref).abs().max().item()
