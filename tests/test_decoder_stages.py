@@ -79,3 +79,13 @@ def test_rope_rows_must_cover_the_block():
     pipe = DecoderPipeline({"q": (4, 2)}, {"k": (5, 2)})
     with pytest.raises(ValueError, match="must cover 'k'"):
         pipe.rope("rp.", {"k": [Rows(0, 4, "q", False)]})
+
+
+def test_decoder_layer_saves_and_loads(tmp_path):
+    import usim
+    from usim.ops.decoder_layer import DecoderLayerSimulator
+
+    op = DecoderLayerSimulator(2, 8, d=8, heads=2, kv_heads=1, head_dim=4, hidden=8, rot=4)
+    usim.save(op, tmp_path / "layer.safetensors")
+    back = usim.load(tmp_path / "layer.safetensors")
+    assert type(back) is DecoderLayerSimulator and back.form == op.form and back.depth == op.depth == 29
