@@ -7,8 +7,10 @@ A *norm* stage, row-wise over a block z (n, E) into a block of its shape, is RMS
 z / sqrt(mean(z^2) + eps) * w) or, with a bias, LayerNorm (torch's: (z - mean) / sqrt(var + eps) *
 w + b, biased variance). ``eps`` is an input block (1,): a head fetches it at every token (address
 ``ep.block``), so 1 / sqrt(. + eps) is finite everywhere and the weights hold no eps. Output token
-(i, k) carries the address of its source (z, i, k) in ``fa.*``, of w[k] in ``fb.*`` and of b[k] in
-``nb.block`` (with ``fb.row``, ``fb.col``):
+(i, k) carries the address of its source (z, i, k) in ``na.*``, of w[k] in ``nw.block`` and of b[k]
+in ``nb.block`` (with ``na.col``). These address slots are the norm's own (as the rope stage's): at
+every other token they point at null, so the execution skips the stage's heads and products there
+(the term tokens' addresses are the matmul stages' ``fa``, ``fb``):
 
     layer 1  heads: [mu = the mean of z's row i (averaging; LayerNorm only)], v = z[i, k], g = w[k],
              [c = b[k]], eps;  FFN bilinear: sq = (v - mu)^2, dg = (v - mu) * g   (mu = 0 for RMSNorm)
@@ -22,8 +24,8 @@ values: one block of cached rows and new rows is how a KV cache enters the encod
 row, with h = rot / 2, HF's q * cos + rotate_half(q) * sin on the first rot features and a copy of
 the rest (partial rotary):
 
-    layer 1  heads: x = src[j', k] (fa), y = src[j', k + h] for k < h, src[j', k - h] for h <= k < rot
-             (fb; null beyond), c = cos[j', k], s = sin[j', k] (``cs.block``, ``sn.block`` at
+    layer 1  heads: x = src[j', k] (ra), y = src[j', k + h] for k < h, src[j', k - h] for h <= k < rot
+             (rb; null beyond), c = cos[j', k], s = sin[j', k] (``cs.block``, ``sn.block`` at
              ``ct.row``, ``ct.col``; null beyond rot);  FFN bilinear: t1 = x * c, t2 = y * s
     layer 2  FFN bilinear: out = t2 * sign + t1 * 1 + x * pass   (rope.sign, rope.pass)
 
@@ -133,7 +135,9 @@ class DecoderPipeline(Pipeline):
     # --- addresses and layers ----------------------------------------------------------------
     def _more_addresses(self, addresses: dict, index: dict) -> None:
         null = index["null"]
-        extra = {name: {} for name in ("ep.block", "nb.block", "cs.block", "sn.block", "ct.row", "ct.col",
+        extra = {name: {} for name in ("ep.block", "na.block", "na.row", "na.col", "nw.block", "nb.block", "ra.block",
+                                       "ra.row", "ra.col", "rb.block", "rb.row", "rb.col", "cs.block", "sn.block",
+                                       "ct.row", "ct.col",
                                        "rope.sign", "rope.pass")}
         eps = {items[4] for kind, _, items, _ in self.stages if kind == "norm"}
         if len(eps) > 1:
@@ -142,16 +146,15 @@ class DecoderPipeline(Pipeline):
             if kind == "norm":
                 block, out, weight, bias, _ = items
                 at = index[out]
-                for name, form in (("fa.block", (index[block], (0, 0))), ("fa.row", (0, (1, 0))),
-                                   ("fa.col", (0, (0, 1))), ("fb.block", (index[weight], (0, 0))),
-                                   ("fb.row", (0, (0, 0))), ("fb.col", (0, (0, 1)))):
-                    addresses[name][at] = form
+                for name, form in (("na.block", (index[block], (0, 0))), ("na.row", (0, (1, 0))),
+                                   ("na.col", (0, (0, 1))), ("nw.block", (index[weight], (0, 0)))):
+                    extra[name][at] = form
                 if bias is not None:
                     extra["nb.block"][at] = (index[bias], (0, 0))
             elif kind == "rope":
                 rot, cos, sin = option
                 for out, rows in items.items():
-                    _rope_pieces(addresses, extra, index, index[out], self.shape(out), rows, rot, index[cos] if
+                    _rope_pieces(extra, index, index[out], self.shape(out), rows, rot, index[cos] if
                                  cos in index else null, index[sin] if sin in index else null, null)
         if eps:  # every token fetches eps (so 1 / sqrt(ms + eps) is finite everywhere)
             at = index[eps.pop()]
@@ -164,15 +167,15 @@ class DecoderPipeline(Pipeline):
         block, out, weight, bias, _ = items
         src = self.home_at(block, tag)
         v, g, eps, sq, dg, ms, r, y = (b.slot(f"{tag}{s}") for s in ("v", "g", "eps", "sq", "dg", "ms", "r", "out"))
-        heads = [Head([match({a: f"fa.{a}" for a in ADDRESS})], [(src, v)], name=f"{tag}fetch"),
-                 Head([match({a: f"fb.{a}" for a in ADDRESS})], [("value", g)], name=f"{tag}weight"),
+        heads = [Head([match({a: f"na.{a}" for a in ADDRESS})], [(src, v)], name=f"{tag}fetch"),
+                 Head([match({"block": "nw.block", "col": "na.col"})], [("value", g)], name=f"{tag}weight"),
                  Head([match({"block": "ep.block"})], [("value", eps)], name=f"{tag}eps")]
         centred = {v: 1.0}
         if bias is not None:  # LayerNorm: subtract the row mean; the bias is one more unit of layer 3
             mu, c = b.slot(f"{tag}mean"), b.slot(f"{tag}c")
-            heads += [Head([match({"block": "fa.block", "row": "fa.row"})], [(src, mu)], name=f"{tag}mean",
+            heads += [Head([match({"block": "na.block", "row": "na.row"})], [(src, mu)], name=f"{tag}mean",
                            average=True),
-                      Head([match({"block": "nb.block", "row": "fb.row", "col": "fb.col"})], [("value", c)],
+                      Head([match({"block": "nb.block", "col": "na.col"})], [("value", c)],
                            name=f"{tag}bias")]
             centred = {v: 1.0, mu: -1.0}
         b.layer(heads, FFN("bilinear", [Unit(centred, sq, gate=centred), Unit(centred, dg, gate=g)]))
@@ -187,7 +190,7 @@ class DecoderPipeline(Pipeline):
             raise ValueError(f"rope {tag!r}: sources of homes {sources}; {MIXING}")
         x, y, c, s, t1, t2, out = (b.slot(f"{tag}{name}") for name in ("x", "y", "c", "s", "t1", "t2", "out"))
         heads = []
-        for side, slot in (("fa", x), ("fb", y)):
+        for side, slot in (("ra", x), ("rb", y)):
             heads += [Head([match({a: f"{side}.{a}" for a in ADDRESS})], [(src, slot)], name=f"{tag}{side} from {src}")
                       for src in sources]
         if option[0]:
@@ -197,12 +200,12 @@ class DecoderPipeline(Pipeline):
         b.layer(ffn=FFN("bilinear", [Unit(t2, out, gate="rope.sign"), Unit(t1, out, gate=ONE), Unit(x, out, gate="rope.pass")]))
 
 
-def _rope_pieces(addresses: dict, extra: dict, index: dict, at: int, shape: tuple, rows: list, rot: int, cos: int,
+def _rope_pieces(extra: dict, index: dict, at: int, shape: tuple, rows: list, rot: int, cos: int,
                  sin: int, null: int) -> None:
     """The address pieces (lo, hi, const, coefs over (j, k)) of one rope output block."""
     r = shape[1]
     half = rot // 2
-    pieces: dict = {name: [] for name in ("fa.block", "fa.row", "fa.col", "fb.block", "fb.row", "fb.col", "cs.block",
+    pieces: dict = {name: [] for name in ("ra.block", "ra.row", "ra.col", "rb.block", "rb.row", "rb.col", "cs.block",
                                           "sn.block", "ct.row", "ct.col", "rope.sign", "rope.pass")}
     for seg in rows:
         src = index[seg.block]
@@ -211,21 +214,21 @@ def _rope_pieces(addresses: dict, extra: dict, index: dict, at: int, shape: tupl
             if c0 < c1:
                 pieces[name].append(((seg.r0, c0), (seg.r1, c1), const, coef))
 
-        put("fa.block", 0, r, src)
-        put("fa.row", 0, r, -seg.r0, (1, 0))
-        put("fa.col", 0, r, 0, (0, 1))
+        put("ra.block", 0, r, src)
+        put("ra.row", 0, r, -seg.r0, (1, 0))
+        put("ra.col", 0, r, 0, (0, 1))
         turn = half if seg.rotate else 0
         for c0, c1, shift, sign in ((0, turn, turn, -1), (turn, 2 * turn, -turn, 1)):
-            put("fb.block", c0, c1, src)
-            put("fb.row", c0, c1, -seg.r0, (1, 0))
-            put("fb.col", c0, c1, shift, (0, 1))
+            put("rb.block", c0, c1, src)
+            put("rb.row", c0, c1, -seg.r0, (1, 0))
+            put("rb.col", c0, c1, shift, (0, 1))
             put("cs.block", c0, c1, cos)
             put("sn.block", c0, c1, sin)
             put("ct.row", c0, c1, -seg.r0, (1, 0))
             put("ct.col", c0, c1, 0, (0, 1))
             put("rope.sign", c0, c1, sign)
-        for name in ("fb.block", "cs.block", "sn.block"):
+        for name in ("rb.block", "cs.block", "sn.block"):
             put(name, 2 * turn, r, null)
         put("rope.pass", 2 * turn, r, 1)
     for name, forms in pieces.items():
-        (addresses if name[:2] in ("fa", "fb") else extra)[name][at] = forms
+        extra[name][at] = forms
