@@ -194,14 +194,3 @@ def test_changed_weights_are_seen():
     real = mask.bool()
     assert not torch.allclose(before[real], after[real]) and torch.allclose(after[real], ref[real], atol=1e-5)
 
-
-def test_docs_page_blocks_run_as_written(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "docs" / "decoder.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
-    monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, "docs/decoder.md", "exec"), {})
-    assert len(blocks) == 1

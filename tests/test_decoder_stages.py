@@ -88,4 +88,4 @@ def test_decoder_layer_saves_and_loads(tmp_path):
     op = DecoderLayerSimulator(2, 8, d=8, heads=2, kv_heads=1, head_dim=4, hidden=8, rot=4)
     usim.save(op, tmp_path / "layer.safetensors")
     back = usim.load(tmp_path / "layer.safetensors")
-    assert type(back) is DecoderLayerSimulator and back.form == op.form and back.depth == op.depth == 31
+    assert type(back) is DecoderLayerSimulator and back.form == op.form and back.depth == op.depth == 30

@@ -413,8 +413,6 @@ class _Run:
     def split(self, block: int, slots: list) -> list:
         """The cells of a block on which each slot's field is one part."""
         parts = [cell for s in slots for cell, _ in self.parts(s, block)]
-        # a positional slot no layer writes is made per cell from its pieces: cut at their edges too
-        parts += [p for s in slots if (s, block) not in self.fields for p in self.p.static.get(s, {}).get(block, ())]
         shape = self.p.shapes[block]
         if all(cell.hi == shape and not any(cell.lo) for cell in parts):  # every field whole: one cell
             return [Cell(block, (0,) * len(shape), shape)]

@@ -27,8 +27,8 @@ and computes, with head h reading key/value group g = h // (H / G) (GQA, MQA):
 
 Outputs: y (n, d) and K_g, V_g (m, r): their last n rows are the new tokens' keys and values for
 the cache. Stages (``usim.ops.decoder_stages``; every product term a token of its own): norm 3
-layers, projections 2, RoPE + cache 2, scores 2, softmax 6, P V 2, output 2, norm 3, MLP 9 (gated:
-gate 3 with its activation, up 2, their product 2, down 2) or 5: depth 31 or 27. Activations: bilinear, identity, exp, reciprocal, relu, rsqrt
+layers, projections 2, RoPE + cache 2, scores 2, softmax 5, P V 2, output 2, norm 3, MLP 9 (gated:
+gate 3 with its activation, up 2, their product 2, down 2) or 5: depth 30 or 26. Activations: bilinear, identity, exp, reciprocal, relu, rsqrt
 and silu / gelu / gelu_tanh.
 """
 
