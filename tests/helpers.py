@@ -80,3 +80,37 @@ def same_outputs(want: list, got: list, numerical: bool, rel: float = 1e-6) -> b
         elif a != b or type(a) is not type(b) and not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
             return False
     return True
+
+
+def tiny_decoder(family: str, attn: str = "sdpa", layers: int = 2, seed: int = 0, std: float = 0.2, **options):
+    """A tiny random Hugging Face causal LM of one of usim.decoder's families (built from a config,
+    nothing downloaded; ``options`` go to the config), in eval mode, weights drawn N(0, std) so
+    attention is far from uniform."""
+    import transformers as T
+
+    common = {"vocab_size": 64, "attn_implementation": attn, **options}
+    llama_like = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_hidden_layers": layers}
+    config, cls = {
+        "llama": (lambda: T.LlamaConfig(**{"num_key_value_heads": 2, **llama_like, **common}), T.LlamaForCausalLM),
+        "mistral": (lambda: T.MistralConfig(num_key_value_heads=1, head_dim=8, sliding_window=5, **llama_like,
+                                            **common), T.MistralForCausalLM),
+        "qwen2": (lambda: T.Qwen2Config(num_key_value_heads=2, **llama_like, **common), T.Qwen2ForCausalLM),
+        "gpt2": (lambda: T.GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1,
+                                      eos_token_id=2, **common), T.GPT2LMHeadModel),
+        "neox": (lambda: T.GPTNeoXConfig(**{"rotary_pct": 0.5, **llama_like, **common}), T.GPTNeoXForCausalLM),
+    }[family]
+    torch.manual_seed(seed)
+    model = cls(config()).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def left_padded(batch: int = 2, length: int = 7, pad: int = 3, seed: int = 0):
+    """Token ids (batch, length) and an attention mask whose last row starts with ``pad`` pads."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (batch, length), generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, :pad] = 0
+    return ids, mask

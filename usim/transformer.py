@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from usim.decoder import has_decoder_layers, simulate_decoder_layers
 from usim.mha import SharedSimulatorMixin, _Shared
 from usim.ops.base import check_size
 from usim.ops.layer import EncoderLayerSimulator
@@ -263,9 +264,11 @@ def additive_mask(src_mask, key_padding_mask, x: torch.Tensor, heads: int, unbat
     return total.expand(batch, heads, length, length) if total is not None and total.dim() == 4 else total
 
 
-def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False, execution: str = "fused") -> nn.Module:
+def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bool = False,
+                    execution: str = "fused") -> nn.Module:
     """The model with every ``nn.TransformerEncoderLayer`` replaced by the equivalent
-    ``SimulatedTransformerEncoderLayer`` (same weights; ``seq_len``, optional, is planned ahead).
+    ``SimulatedTransformerEncoderLayer`` (same weights; ``seq_len``, optional, is planned ahead), or
+    every Hugging Face decoder layer by a ``usim.decoder.SimulatedDecoderLayer``.
 
     The rules of ``usim.simulate_attention``: a deep copy unless ``inplace``; each drop-in holds the
     replaced layer's own submodules, so its Parameters stay the model's (tied ones tied, frozen ones
@@ -277,6 +280,8 @@ def simulate_layers(model: nn.Module, seq_len: int | None = None, *, inplace: bo
     TypeError for a TorchScript module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if has_decoder_layers(model):
+        return simulate_decoder_layers(model, seq_len, inplace=inplace, execution=execution)
     if seq_len is not None:
         check_size("seq_len", seq_len)
     found = 0

@@ -2,6 +2,7 @@
 
 from usim.ops.attention_core import AttentionCore
 from usim.ops.base import Construction
+from usim.ops.decoder_layer import DecoderLayerSimulator
 from usim.ops.determinant import Determinant
 from usim.ops.groupsort import GroupSort
 from usim.ops.groupsort_network import SimulatedGroupSortNetwork
@@ -18,7 +19,7 @@ from usim.ops.simulator import UniversalSimulator
 from usim.ops.softmax import Softmax
 from usim.ops.transpose import Transpose
 
-__all__ = ["AttentionCore", "Construction", "Determinant", "EncoderLayerSimulator", "EncoderStackSimulator",
+__all__ = ["AttentionCore", "Construction", "DecoderLayerSimulator", "Determinant", "EncoderLayerSimulator", "EncoderStackSimulator",
            "GroupSort", "Inverse", "MatMul", "MaxMin", "ReLU", "SimulatedGroupSortNetwork", "SimulatedInverseAttention",
            "SimulatedLinearAttention", "SimulatedLinformer", "SimulatedParity", "Softmax", "Transpose",
            "UniversalSimulator"]

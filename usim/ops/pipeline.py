@@ -300,6 +300,7 @@ class Pipeline:
         epsilons = sorted({eps for kind, _, _, eps in self.stages if kind == "layernorm"})
         for eps in epsilons:  # every token fetches eps (rsqrt(var + eps) stays finite everywhere)
             b.positional_affine(f"ep.{eps}", lambda blk, i, at=index[eps]: (at, (0,) * len(blk.shape)))
+        self._more_addresses(addresses, index)
         for name, per_block in addresses.items():
             default = (null, None) if name.endswith(".block") else None
             b.positional_affine(name, lambda blk, i, per_block=per_block, default=default:
@@ -359,8 +360,13 @@ class Pipeline:
                     b.layer(ffn=FFN(option, [Unit(pre, out)]))
             elif kind == "layernorm":
                 self._layernorm_layers(b, tag, *items, eps=option)
-            else:
+            elif kind == "softmax":
                 self._softmax_layers(b, tag, items, option)
+            else:  # a stage kind a subclass declares (usim.ops.decoder_stages)
+                getattr(self, f"_{kind}_layers")(b, tag, items, option)
+
+    def _more_addresses(self, addresses: dict, index: dict) -> None:
+        """Hook: a subclass adds the address slots of its own stages (name -> block index -> form)."""
 
     @property
     def keep_flags(self) -> bool:
