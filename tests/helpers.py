@@ -1,6 +1,43 @@
-"""Shared test helpers (pytest puts tests/ on sys.path, so tests import this as `helpers`)."""
+"""Shared test helpers (pytest puts tests/ on sys.path, so tests import this as `helpers`).
+
+Seeds: every test runs from a seed derived from its node id (conftest.py's autouse `seed` fixture seeds
+torch, random and numpy with it), and every draw made while collecting (random shapes in a parametrize
+list) from a seed derived from its name, so the suite is deterministic. USIM_TEST_SEED mixes a base
+into each: unset or a number N (crc32 of the name started at N; 0 is the default), or `random` (a fresh
+base per session, printed in the summary, so a failure names the USIM_TEST_SEED that reproduces it).
+"""
+
+import os
+import zlib
 
 import torch
+
+SEED_ENV = "USIM_TEST_SEED"
+
+
+def _base_seed() -> int:
+    value = os.environ.get(SEED_ENV, "").strip().lower()
+    if value in ("", "0"):
+        return 0
+    if value == "random":
+        return int.from_bytes(os.urandom(4), "little")
+    try:
+        return int(value) % 2 ** 32
+    except ValueError:
+        raise ValueError(f"{SEED_ENV} must be a number or 'random', not {value!r}") from None
+
+
+BASE_SEED = _base_seed()
+
+
+def seed_for(name: str) -> int:
+    """A 32-bit seed for a test (its node id) or a collection-time draw (its name), mixed with the base."""
+    return zlib.crc32(name.encode(), BASE_SEED)
+
+
+def generator(name: str) -> torch.Generator:
+    """A CPU generator for draws made while collecting (e.g. random shapes to parametrize with)."""
+    return torch.Generator().manual_seed(seed_for(name))
 
 
 def final_stream(op, *args):

@@ -9,7 +9,7 @@ retyped (F64 -> I64, ...), a NaN or infinite weight, edited weights, readout, po
 and slots. Every edit is tried with the digest left as it was and, for a registered construction,
 with the digest computed again (as a deliberate editor would): each must raise ValueError from
 ``usim.load``, ``usim.Encoder.load`` and ``usim.checkpoint.load_encoder`` (never another
-exception, never a module). The seed is fixed, so a failure names a reproducible case.
+exception, never a module). The seed comes from the test id (tests/helpers.py), so a failure names a reproducible case.
 """
 
 import json
@@ -24,7 +24,6 @@ from safetensors.torch import load_file, save_file
 import usim
 from usim.checkpoint import digest, load_encoder
 
-SEED = 20261125
 LOADERS = {"usim.load": usim.load, "usim.Encoder.load": usim.Encoder.load, "load_encoder": load_encoder}
 JSON_VALUES = ["null", "true", "false", "0", "-1", "1e999", "-1e999", "3.5", "9" * 5000, "-" + "9" * 400, '"text"',
                '""', "[]", "{}", "[[]]", '{"a": 1}', "[" * 100_000 + "]" * 100_000,
@@ -250,8 +249,8 @@ def damage_tensors(cases, rng, name, tensors, meta, registered) -> None:
     edit("tensor added", "a dense pos_table", {**tensors, "pos_table": torch.zeros(2, 2, dtype=torch.float64)})
 
 
-def test_fuzz_damaged_checkpoints_never_load(tmp_path):
-    rng = random.Random(SEED)
+def test_fuzz_damaged_checkpoints_never_load(seed, tmp_path):
+    rng = random.Random(seed)
     cases = Cases(tmp_path)
     for name, module in modules():
         path = tmp_path / f"{name}.safetensors"
@@ -265,7 +264,7 @@ def test_fuzz_damaged_checkpoints_never_load(tmp_path):
     assert len({c.split(",")[0] for c in cases.cases}) >= 20  # kinds of damage
     cases.run(rng, per_category=8)
     assert cases.count >= 300
-    assert not cases.failures, f"{len(cases.failures)} of {cases.count} damaged files:\n" + "\n".join(cases.failures[:40])
+    assert not cases.failures, f"seed {seed}: {len(cases.failures)} of {cases.count} damaged files:\n" + "\n".join(cases.failures[:40])
 
 
 def test_fuzz_edited_weights_load_unverified(tmp_path):

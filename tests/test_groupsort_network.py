@@ -1,5 +1,4 @@
 import math
-import os
 from fractions import Fraction
 
 import pytest
@@ -11,14 +10,14 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.groupsort_network import SimulatedGroupSortNetwork, abs_network, groupsort_network_blocks, \
     groupsort_network_layers
-from helpers import final_stream, within_torch
+from helpers import final_stream, generator, within_torch
 
 SCALES = (1e-3, 1.0, 1e3)
 
 
 def networks():
     """(widths, group_size): no hidden layer, g = 1 (affine), g = 2 (MaxMin), g = 3, 4, g = width."""
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     group = int(torch.randint(1, 4, (), generator=g))
     rand = [int(torch.randint(1, 5, (), generator=g))] + [group * int(torch.randint(1, 3, (), generator=g))] * 2 + \
         [int(torch.randint(1, 5, (), generator=g))]

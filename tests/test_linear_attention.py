@@ -1,4 +1,3 @@
-import os
 from decimal import Decimal, localcontext
 
 import pytest
@@ -9,14 +8,14 @@ import usim
 from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.linear_attention import SimulatedLinearAttention, linear_attention_layers, scratch_blocks
-from helpers import within_torch
+from helpers import generator, within_torch
 
 SCALES = (1e-3, 1.0, 1e3)
 
 
 def shapes():
     """(n, d): 1x1, 1xd, nx1, non-square, square, one random."""
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     return [(1, 1), (1, 3), (4, 1), (3, 2), (2, 4), (4, 4)] + [tuple(torch.randint(1, 5, (2,), generator=g).tolist())]
 
 

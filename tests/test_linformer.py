@@ -1,4 +1,3 @@
-import os
 from decimal import Decimal, localcontext
 
 import pytest
@@ -9,14 +8,14 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.linformer import SimulatedLinformer, linformer_layers
 from usim.ops.simulator import UniversalSimulator
-from helpers import within_torch
+from helpers import generator, within_torch
 
 SCALES = (1e-3, 1.0, 1e3)
 
 
 def shapes():
     """(n, d, k): 1x1, 1xd, nx1, non-square, k < n and k > n, one random."""
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 1, 1), (1, 3, 2), (4, 1, 2), (3, 2, 4), (4, 4, 3), (2, 3, 1)]
     return fixed + [tuple(torch.randint(1, 5, (3,), generator=g).tolist())]
 

@@ -1,4 +1,3 @@
-import os
 from fractions import Fraction
 
 import pytest
@@ -8,13 +7,13 @@ import usim
 from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.matmul import MatMul, matmul_layers
-from helpers import final_stream
+from helpers import final_stream, generator
 
 SCALES = (1e-3, 1.0, 1e3)
 
 
 def shapes():
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 1, 1), (1, 4, 1), (1, 3, 5), (5, 3, 1), (4, 1, 3), (3, 4, 2), (2, 5, 3)]
     return fixed + [tuple(torch.randint(1, 8, (3,), generator=g).tolist()) for _ in range(2)]
 

@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -7,7 +6,7 @@ import usim
 from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.maxmin import MaxMin, exchange_layer, maxmin_layers
-from helpers import final_stream
+from helpers import final_stream, generator
 
 
 def reference(x):
@@ -16,7 +15,7 @@ def reference(x):
 
 
 def shapes():
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 2), (1, 6), (4, 2), (3, 4), (5, 8), (2, 2)]
     rand = [(int(torch.randint(1, 7, (), generator=g)), 2 * int(torch.randint(1, 5, (), generator=g)))
             for _ in range(2)]

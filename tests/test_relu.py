@@ -1,4 +1,3 @@
-import os
 
 import pytest
 import torch
@@ -8,11 +7,11 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.relu import ReLU, relu_layer
 from usim.ops.transpose import transpose_layer
-from helpers import final_stream
+from helpers import final_stream, generator
 
 
 def shapes():
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 1), (1, 2), (1, 5), (4, 2), (5, 1), (3, 4), (4, 3)]
     return fixed + [tuple(torch.randint(1, 8, (2,), generator=g).tolist()) for _ in range(2)]
 

@@ -1,4 +1,3 @@
-import os
 from decimal import Decimal, localcontext
 
 import pytest
@@ -9,13 +8,13 @@ from usim.construct import Builder
 from usim.layout import Layout
 from usim.ops.matmul import matmul_layers
 from usim.ops.softmax import Softmax, softmax_layers
-from helpers import final_stream
+from helpers import final_stream, generator
 
 SCALES = (1e-3, 1.0, 10.0, 1e3, 1e4)
 
 
 def shapes():
-    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 1), (1, 2), (1, 6), (5, 1), (3, 4), (4, 3)]
     return fixed + [tuple(torch.randint(1, 9, (2,), generator=g).tolist()) for _ in range(2)]
 

@@ -2,10 +2,11 @@ import pytest
 import torch
 
 import usim
+from helpers import generator
 
 
 def shapes():
-    g = torch.Generator().manual_seed(int.from_bytes(__import__("os").urandom(4), "little"))
+    g = generator(f"{__name__}.shapes")
     fixed = [(1, 1), (1, 5), (5, 1), (3, 4), (4, 3)]
     return fixed + [tuple(torch.randint(1, 9, (2,), generator=g).tolist()) for _ in range(3)]
 
