@@ -1,4 +1,11 @@
-"""Determinant: Gauss elimination with partial pivoting in the encoder, against torch.linalg.det."""
+"""Determinant: Gauss elimination with partial pivoting in the encoder, against torch.linalg.det.
+
+The accuracy claim (usim.ops.determinant): relative error <= n * eps * cond(A) wherever torch's
+determinant is finite and nonzero (plus a few of the smallest subnormals where it is tiny), and
++-inf or 0 exactly where torch's is. "Within 10x of torch's own error" is no per-matrix bound: on
+some matrices torch's roundings cancel (error 0.007 eps) while the same elimination in another
+order of roundings errs by 4 eps.
+"""
 
 from fractions import Fraction
 
@@ -8,7 +15,7 @@ import torch
 import usim
 from helpers import final_stream, well_conditioned
 
-K = 10  # allowed error, as a multiple of torch's own error against an exact/float64 reference
+FLOAT32_SCALES = [1e-12, 1e-9, 1e-6, 1e-3, 1.0, 1e3, 1e6, 1e9, 1e12]
 
 
 def exact_det(a: list) -> Fraction:
@@ -29,8 +36,18 @@ def exact_det(a: list) -> Fraction:
     return det
 
 
-def relative_error(result: torch.Tensor, exact: list) -> float:
-    return max(float(abs(Fraction(r) - e) / abs(e)) for r, e in zip(result.tolist(), exact))
+def bound(a: torch.Tensor) -> torch.Tensor:
+    """The claimed relative error of each determinant: n * eps * cond(A) (cond in float64)."""
+    return a.shape[-1] * torch.finfo(a.dtype).eps * torch.linalg.cond(a.double())
+
+
+def check_vs_exact(ours: torch.Tensor, a: torch.Tensor, context):
+    """Against exact rationals (float64 inputs): within the bound, and torch too (a check of the bound)."""
+    exact = [exact_det(m) for m in a.tolist()]
+    for name, result in (("ours", ours), ("torch", torch.linalg.det(a))):
+        err = torch.tensor([float(abs(Fraction(r) - e) / abs(e)) for r, e in zip(result.tolist(), exact)],
+                           dtype=torch.float64)
+        assert (err <= bound(a)).all(), (*context, name, err / bound(a))
 
 
 @pytest.mark.parametrize("n", range(1, 9))
@@ -44,9 +61,8 @@ def test_float32_vs_torch(seed, n, scale):
         ours, stream = final_stream(op, a)
         assert ours.shape == (16,) and ours.dtype == torch.float32, seed
         assert torch.isfinite(stream).all(), (seed, kind)
-        err = ((ours.double() - ref) / ref).abs().max().item()
-        torch_err = ((torch.linalg.det(a).double() - ref) / ref).abs().max().item()
-        assert err <= K * torch_err + 2 * torch.finfo(torch.float32).eps, (seed, kind, scale, err, torch_err)
+        err = ((ours.double() - ref) / ref).abs()
+        assert (err <= bound(a)).all(), (seed, kind, scale, err / bound(a))
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
@@ -54,9 +70,7 @@ def test_float64_vs_exact(seed, n):
     op = usim.Determinant(n)
     for kind, scale in (("shift", 1.0), ("orth", 1e-3), ("shift", 1e3)):
         a = well_conditioned(kind, 3, n, torch.float64, scale)
-        exact = [exact_det(m) for m in a.tolist()]
-        err, torch_err = relative_error(op(a), exact), relative_error(torch.linalg.det(a), exact)
-        assert err <= K * torch_err + 2 * torch.finfo(torch.float64).eps, (seed, kind, scale, err, torch_err)
+        check_vs_exact(op(a), a, (seed, kind, scale))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -101,33 +115,35 @@ def test_checkpoint_and_bare_encoder(seed, tmp_path):
     assert torch.equal(det[..., 0], op(a)), seed
 
 
-FLOAT32_SCALES = [1e-12, 1e-9, 1e-6, 1e-3, 1.0, 1e3, 1e6, 1e9, 1e12]
-
-
 def check_against_torch(ours, a, dtype, context):
-    """Where torch's determinant is +-inf or 0, ours is the same; elsewhere within 10x of torch's
-    relative error (plus two ulps, and a few of the smallest subnormals for tiny results)."""
+    """Where torch's determinant is +-inf or 0, ours is the same; elsewhere within the bound (plus a
+    few of the smallest subnormals for tiny results). Returns where torch's is finite and nonzero."""
     theirs, ref = torch.linalg.det(a), torch.linalg.det(a.double())
     tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
     special = torch.isinf(theirs) | (theirs == 0)
     assert torch.equal(ours[special], theirs[special]), (*context, ours[special], theirs[special])
     finite = ~special
     err = (ours.double() - ref).abs()[finite]
-    torch_err = (theirs.double() - ref).abs()[finite]
-    bound = K * torch_err + 2 * torch.finfo(dtype).eps * ref.abs()[finite] + 4 * tiny
-    assert (err <= bound).all(), (*context, err, torch_err)
+    allowed = (bound(a) * ref.abs())[finite] + 4 * tiny
+    assert (err <= allowed).all(), (*context, (err / allowed).max())
     return finite
+
+
+def scaled(count: int, n: int) -> torch.Tensor:
+    """count matrices of each kind at each of FLOAT32_SCALES, every third negated in its first row."""
+    a = torch.cat([well_conditioned(kind, count, n, torch.float64, scale)
+                   for scale in FLOAT32_SCALES for kind in ("shift", "orth")]).float()
+    a[::3, 0] *= -1
+    return a
 
 
 @pytest.mark.parametrize("n", [3, 8, 16])
 def test_scaled_float32_vs_torch(seed, n):
     """Scales 1e-12 .. 1e12 (signs mixed): where torch's float32 determinant overflows to +-inf or
-    underflows to 0 ours does the same, elsewhere it is within 10x of torch's error; every slot is
-    finite where the determinant is."""
+    underflows to 0 ours does the same, elsewhere it is within the bound; every slot is finite
+    where the determinant is."""
     op = usim.Determinant(n)
-    a = torch.cat([well_conditioned(kind, 1, n, torch.float64, scale)
-                   for scale in FLOAT32_SCALES for kind in ("shift", "orth")]).float()
-    a[::3, 0] *= -1
+    a = scaled(1, n)
     if n < 16:
         ours, stream = final_stream(op, a)
     else:
@@ -139,14 +155,22 @@ def test_scaled_float32_vs_torch(seed, n):
         assert torch.isinf(ours).any() and (ours == 0).any() and finite.any(), seed  # all three regimes met
 
 
+def test_bound_holds_over_200_seeds(seed):
+    """The bound on 200 draws at n = 16 in one batch, kinds in turn, at scales where the determinant
+    is a normal float32 (the draws on which torch's own error is far below ours included)."""
+    a = torch.cat([well_conditioned(kind, 100 // 3 + 1, 16, torch.float64, scale)
+                   for scale in (1e-2, 1e-1, 1.0) for kind in ("shift", "orth")]).float()[:200]
+    a[::3, 0] *= -1
+    finite = check_against_torch(usim.Determinant(16)(a), a, torch.float32, (seed,))
+    assert finite.all(), seed
+
+
 @pytest.mark.parametrize("n", [3, 8, 16])
 def test_scaled_float64(seed, n):
     """float64: against exact rationals at 1e-12 and 1e12; overflow and underflow like torch at 1e40."""
     op = usim.Determinant(n)
     a = torch.cat([well_conditioned("shift", 1, n, torch.float64, scale) for scale in (1e-12, 1e12)])
-    exact = [exact_det(m) for m in a.tolist()]
-    err, torch_err = relative_error(op(a), exact), relative_error(torch.linalg.det(a), exact)
-    assert err <= K * torch_err + 2 * torch.finfo(torch.float64).eps, (seed, n, err, torch_err)
+    check_vs_exact(op(a), a, (seed, n))
     if n == 16:
         a = torch.cat([well_conditioned("orth", 2, n, torch.float64, scale) for scale in (1e-40, 1e40)])
         ours = op(a)

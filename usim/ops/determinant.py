@@ -8,6 +8,15 @@ The running product is kept as itself or as its reciprocal, whichever lies in [-
 usim.ops.inverse), so no slot overflows on the way: like torch's, the result underflows to 0 or
 overflows to +-inf where the running product of the pivots leaves the dtype's range, and is
 finite elsewhere.
+
+Accuracy: relative error <= n * eps * cond_2(A) where the determinant is a normal number (tested
+on 200 draws at n = 16 and on every size and scale of tests/test_determinant.py; measured up to
+0.2-0.6 of it, torch.linalg.det's own up to 0.25-0.46). The first-order bound of LU with partial
+pivoting is about n^2 * growth * eps * cond; both stay far below it. There is no per-matrix bound
+relative to torch's error: the elimination here normalises the pivot row (torch's LU scales the
+multipliers), and the reciprocal state takes two roundings per pivot (1/|P|, then the product), so
+the roundings differ from torch's, and on some matrices torch's happen to cancel (0.007 eps where
+ours is 4 eps; both well within n * eps * cond).
 """
 
 from __future__ import annotations
