@@ -231,9 +231,9 @@ def test_format_1_still_loads(seed, tmp_path):
     tensors = load_file(str(path))
     tensors["pos_table"][0, 3] += 1
     save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=json_meta(path))
-    with pytest.raises(ValueError, match="'pos_table' differs"):
-        usim.load(tmp_path / "edited.safetensors")
-    usim.load(tmp_path / "edited.safetensors", verify=False)
+    for verify in (True, False):  # positional features are the layout's, not weights to edit
+        with pytest.raises(ValueError, match="'pos_table' differs"):
+            usim.load(tmp_path / "edited.safetensors", verify=verify)
     bare = tmp_path / "bare.safetensors"
     write_format_1(op.encoder, bare)
     with pytest.raises(ValueError, match="format 1.*" + re.escape(REGENERATE)):
@@ -267,3 +267,61 @@ def test_save_rejects_nan(tmp_path):
     op.encoder.layers[0].attn.value[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         usim.save(op, tmp_path / "nan.safetensors")
+
+
+def _edits(path) -> dict:
+    """Edits that leave every tensor well-formed but the file inconsistent with its kind: message -> change."""
+    meta, tensors = json_meta(path), load_file(str(path))
+    module, layout = json.loads(meta["usim.module"]), json.loads(meta["usim.layout"])
+    readout = "readout_blocks" if "readout_blocks" in tensors else "readout"
+    other = tensors[readout].clone()
+    outputs = [i for i, b in enumerate(layout) if b["role"] == "output"]
+    if readout == "readout_blocks":  # the first output block reads the slot another block reads, then slot 4
+        other[outputs[0]] = other[outputs[-1]] if len(outputs) > 1 else 4
+    else:
+        other[other == other.max()] = 4
+    renamed = [dict(b, name="q" if i == 0 else b["name"]) for i, b in enumerate(layout)]
+    role = [dict(b, role="scratch" if i == outputs[0] else b["role"]) for i, b in enumerate(layout)]
+    bigger = {k: v + 1 if k in ("n", "m") else v for k, v in module["args"].items()}
+    return {
+        f"tensor '{readout}' differs": ({**tensors, readout: other}, {}),
+        "(usim.module args do not fit the kind 'AttentionCore'|fresh AttentionCore.*usim.module args)": (None, {"usim.module": json.dumps({**module, "kind": "AttentionCore"})}),
+        "fresh ReLU.*usim.(slots|layout)": (None, {"usim.module": json.dumps({"kind": "ReLU", "args": {"n": 3, "m": 3}})}),
+        "unknown \\['extra'\\]": (None, {"usim.module": json.dumps({**module, "args": {**module["args"], "extra": 1}})}),
+        "missing \\['n'\\]": (None, {"usim.module": json.dumps({**module, "args": {k: v for k, v in module["args"].items() if k != "n"}})}),
+        "usim.layout is": (None, {"usim.module": json.dumps({**module, "args": bigger})}),
+        "usim.layout is Layout\\(q": (None, {"usim.layout": json.dumps(renamed)}),
+        "usim.layout is .*:scratch": (None, {"usim.layout": json.dumps(role)}),
+    }
+
+
+@pytest.mark.parametrize("kind", ["Softmax", "UniversalSimulator"])
+def test_unverified_loads_refuse_a_layout_or_kind_the_constructor_does_not_make(seed, tmp_path, kind):
+    """verify=False trusts edited weights, never a kind, arguments, layout or readout that disagree
+    with the constructor: a ValueError naming the field at load, never an error at forward."""
+    op = usim.Softmax(3, 3) if kind == "Softmax" else usim.UniversalSimulator(3, 3)  # formats 2 and 3
+    path = tmp_path / "op.safetensors"
+    usim.save(op, path)
+    for message, (tensors, change) in _edits(path).items():
+        bad = tmp_path / "bad.safetensors"
+        rewrite(path, bad, tensors, redigest=True, **change)
+        for loader in (usim.load, usim.Encoder.load):
+            with pytest.raises(ValueError, match=message):
+                loader(bad, verify=False)
+    assert usim.load(path, verify=False).layout == op.layout, seed
+
+
+def test_unbuildable_files_still_read_out_written_slots(tmp_path, monkeypatch):
+    """Where no fresh construction is built to compare with (too large), an output block that reads
+    a slot no layer writes is refused at load."""
+    op = usim.UniversalSimulator(2, 2)
+    path = tmp_path / "u.safetensors"
+    usim.save(op, path)
+    tensors = load_file(str(path))
+    unwritten = json.loads(json_meta(path)["usim.slots"]).index("row")
+    tensors["readout_blocks"][op.layout.block_index("y")] = unwritten
+    rewrite(path, tmp_path / "bad.safetensors", tensors, redigest=True)
+    monkeypatch.setattr(usim.checkpoint, "_buildable", lambda parsed, encoder: False)
+    with pytest.raises(ValueError, match="'readout_blocks' reads output block 'y' from slot.*'row'.* no layer writes"):
+        usim.load(tmp_path / "bad.safetensors", verify=False)
+    assert usim.load(path, verify=False).layout == op.layout

@@ -13,13 +13,15 @@ pickle.
 Loading checks, in order, and raises ValueError saying what is wrong: the file parses; every
 metadata entry is JSON of the right shape and types (naming the key); the tensors are exactly
 those the metadata describes, with its shapes, the right dtypes, finite values and indexes in
-range; the per-layer specs agree with the weights (all of this also with ``verify=False``); then,
-unless ``verify=False``: the digest matches, and for a registered construction small enough to rebuild cheaply (``CHEAP_REBUILD``), a
-fresh construction from the recorded arguments equals the file bitwise (so a file edited and
-digested again still cannot pass for the construction it names). ``verify=False`` is for files
-whose weights were edited on purpose. Format "1" files (a dense ``pos_table``, no digest) still
-load: converted to the compact table, verified against a fresh construction, or with
-``verify=False``.
+range; the per-layer specs agree with the weights; for a registered kind, the recorded arguments
+fit its constructor, and everything but the weights' values (usim.layout, usim.slots,
+usim.layers, the positional features and the readout) equals a fresh construction's where one is
+cheap to build (``_buildable``), or else every output block reads out a slot some layer writes
+(all of this also with ``verify=False``); then, unless ``verify=False``: the digest matches and the
+weights equal the fresh construction's bitwise (so a file edited and digested again still cannot
+pass for the construction it names). ``verify=False`` is for files whose weights were edited on
+purpose. Format "1" files (a dense ``pos_table``, no digest) still load: converted to the compact
+table, verified against a fresh construction, or with ``verify=False``.
 
 Format "3": an encoder whose positional features are in closed form (``usim.positions``: U, the
 drop-ins, the layers) keeps them so, never as a per-token table: ``positional_slots`` (P,) int64
@@ -535,19 +537,59 @@ def _cheap(parsed: dict, encoder: Encoder) -> bool:
     return all(abs(v) <= max(encoder.length, 16) for v in _ints_in(parsed["args"]))
 
 
-def _verify_fresh(parsed: dict, encoder: Encoder, path: str) -> None:
-    """Build the named construction from its recorded arguments and compare it bitwise."""
-    from usim.ops.base import REGISTRY, layer_specs
+def _buildable(parsed: dict, encoder: Encoder) -> bool:
+    """Whether a fresh construction of the recorded kind is cheap enough to build at load (to check
+    the file's structure against, with verify=False too): a small encoder (``_cheap``), or closed-form
+    positions (format 3: built without a per-token table) with no integer argument larger than every
+    block dimension and the block count (the sizes of every construction fit its blocks)."""
+    if _cheap(parsed, encoder):
+        return True
+    layout = parsed["layout"]
+    bound = max([16, len(layout.blocks)] + [max(b.shape) for b in layout.blocks])
+    return parsed["format"] == CLOSED_FORM_VERSION and all(abs(v) <= bound for v in _ints_in(parsed["args"]))
+
+
+def _check_signature(parsed: dict, path: str) -> None:
+    """The recorded arguments bind to the kind's constructor (no unknown argument, none missing)."""
+    import inspect
+
+    from usim.ops.base import REGISTRY
 
     kind, args = parsed["kind"], parsed["args"]
-    title = f"{kind}({', '.join(f'{k}={_short(v)}' for k, v in args.items())})"
+    params = {k: p for k, p in inspect.signature(REGISTRY[kind].__init__).parameters.items()
+              if k not in ("self", "execution") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    unknown = sorted(set(args) - set(params))
+    missing = sorted(k for k, p in params.items() if p.default is p.empty and k not in args)
+    if unknown or missing:
+        raise ValueError(f"{path}: usim.module args do not fit the kind {kind!r} ({', '.join(params)}): "
+                         + "; ".join(([f"unknown {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])))
+
+
+def _fresh(parsed: dict, path: str):
+    """A fresh construction from the recorded kind and arguments (ValueError naming usim.module)."""
+    from usim.ops.base import REGISTRY
+
+    kind, args = parsed["kind"], parsed["args"]
     try:
         fresh = REGISTRY[kind](**args)
     except (TypeError, ValueError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as e:
-        raise ValueError(f"{path}: usim.module: {title} cannot be built from the recorded arguments: {e}") from None
-    where = f"{path}: differs from a fresh {title}"
+        raise ValueError(f"{path}: usim.module: {_title(parsed)} cannot be built from the recorded arguments: {e}") from None
     if fresh.args != args:
-        raise ValueError(f"{where}: usim.module args should read {_short(json.dumps(fresh.args), 200)}")
+        raise ValueError(f"{path}: differs from a fresh {_title(parsed)}: usim.module args should read "
+                         f"{_short(json.dumps(fresh.args), 200)}")
+    return fresh
+
+
+def _title(parsed: dict) -> str:
+    return f"{parsed['kind']}({', '.join(f'{k}={_short(v)}' for k, v in parsed['args'].items())})"
+
+
+def _check_structure(parsed: dict, encoder: Encoder, fresh, path: str) -> None:
+    """Everything but the weights' values agrees with a fresh construction: usim.layout, usim.slots,
+    usim.layers, and the positional and readout tensors (ValueError naming the field)."""
+    from usim.ops.base import layer_specs
+
+    where = f"{path}: differs from a fresh {_title(parsed)}"
     if fresh.layout != parsed["layout"]:
         raise ValueError(f"{where}: usim.layout is {parsed['layout']}, the construction's is {fresh.layout}")
     if fresh.encoder.slots != parsed["slots"]:
@@ -557,16 +599,47 @@ def _verify_fresh(parsed: dict, encoder: Encoder, path: str) -> None:
         i = next((i for i, (a, b) in enumerate(zip(layer_specs(fresh.encoder), parsed["specs"])) if a != b),
                  min(len(parsed["specs"]), fresh.encoder.depth))
         raise ValueError(f"{where}: usim.layers differ at layer {i} (heads, tiers, activation or slots)")
-    ours, theirs = checkpoint_tensors(encoder), checkpoint_tensors(fresh.encoder)
+    ours, theirs = _structure_tensors(encoder), _structure_tensors(fresh.encoder)
     if parsed["format"] == "1":  # compare the dense tables (the compact columns may be ordered otherwise)
         ours = {k: v for k, v in ours.items() if not k.startswith("positional")}
         theirs = {k: v for k, v in theirs.items() if not k.startswith("positional")}
         if not torch.equal(encoder.pos_table, fresh.encoder.pos_table):
             raise ValueError(f"{where}: tensor 'pos_table' differs")
+    _compare(ours, theirs, where)
+
+
+def _structure_tensors(encoder: Encoder) -> dict:
+    """A checkpoint's tensors other than the layer weights: positional features and readout."""
+    if _closed_form(encoder):
+        return {"positional_slots": torch.tensor(encoder.positions.slots, dtype=torch.long),
+                "positional_pieces": _pieces_tensor(encoder.positions),
+                "readout_blocks": encoder.readout_blocks.detach().long().cpu()}
+    return {k: v for k, v in checkpoint_tensors(encoder).items() if not k.startswith("layers.")}
+
+
+def _compare(ours: dict, theirs: dict, where: str) -> None:
     for name in sorted(set(ours) | set(theirs)):
         a, b = ours.get(name), theirs.get(name)
         if a is None or b is None or a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
             raise ValueError(f"{where}: tensor {name!r} differs")
+
+
+def _check_readout_written(parsed: dict, encoder: Encoder, path: str) -> None:
+    """Without a construction to compare with: every output block reads out a slot some layer writes."""
+    written = {s for spec in parsed["specs"] for s in spec["writes"]}
+    layout = parsed["layout"]
+    for i, block in enumerate(layout.blocks):
+        if block.role != "output":
+            continue
+        if hasattr(encoder, "readout_blocks"):
+            name, slots = "readout_blocks", {int(encoder.readout_blocks[i])}
+        else:
+            start = layout.offsets[block.name]
+            name, slots = "readout", set(encoder.readout[start: start + block.size].tolist())
+        unwritten = sorted(parsed["slots"][j] for j in slots if parsed["slots"][j] not in written)
+        if unwritten:
+            raise ValueError(f"{path}: tensor {name!r} reads output block {block.name!r} from slot(s) {unwritten} "
+                             f"that no layer writes")
 
 
 def _load(path, verify: bool, known_kind: bool):
@@ -581,14 +654,24 @@ def _load(path, verify: bool, known_kind: bool):
     encoder = _build(parsed, tensors, path)
     if parsed["format"] != "1" and verify:
         _verify_digest(metadata, tensors, path)
+    fresh = None
+    if kind in REGISTRY and getattr(REGISTRY[kind], "rebuilt_on_load", True):
+        # the kind, its arguments and the layout agree (with verify=False too)
+        _check_signature(parsed, path)
+        if _buildable(parsed, encoder):
+            fresh = _fresh(parsed, path)
+            _check_structure(parsed, encoder, fresh, path)
+    if fresh is None:
+        _check_readout_written(parsed, encoder, path)
     if verify:
-        fresh = kind in REGISTRY and getattr(REGISTRY[kind], "rebuilt_on_load", True) and _cheap(parsed, encoder)
-        if parsed["format"] == "1" and not fresh:
+        if parsed["format"] == "1" and fresh is None:
             raise ValueError(f"{path}: a format 1 checkpoint has no digest and this one cannot be checked "
                              f"against a fresh construction: regenerate it (`{REGENERATE}` for the shipped "
                              f"ones, or usim.save) or load it with verify=False")
-        if fresh:
-            _verify_fresh(parsed, encoder, path)
+        if fresh is not None:  # the weights, bitwise
+            where = f"{path}: differs from a fresh {_title(parsed)}"
+            layers = lambda e: {k: v for k, v in checkpoint_tensors(e).items() if k.startswith("layers.")}
+            _compare(layers(encoder), layers(fresh.encoder), where)
     return encoder, parsed["layout"], kind, parsed["args"]
 
 
