@@ -33,15 +33,32 @@ def allocator_text(settings: dict | None) -> str:
             f"malloc {'keeps large blocks' if keeps else 'MMAP_THRESHOLD=' + str(settings.get('MALLOC_MMAP_THRESHOLD_'))}")
 
 
-def results_folder(out, full: bool) -> Path:
-    """Where the results go: --out if given; else benchmarks/results for a full run, and
-    benchmarks/results/partial (not committed) for a quick, tiny or partial one, which must not
-    replace the committed results."""
-    if out is not None:
-        return Path(out)
-    folder = Path(__file__).resolve().parent / "results"
-    if not full:
-        folder = folder / "partial"
-        print(f"a partial run: results go to {folder} (only a full run replaces benchmarks/results; "
-              "--out DIR to choose)", flush=True)
-    return folder
+RESULTS = Path(__file__).resolve().parent / "results"  # the committed results
+LOCAL = RESULTS / "local"  # a run's results unless asked otherwise (not committed: .gitignore)
+
+
+def add_results_options(parser, full_run: str) -> None:
+    """--out and --write-results, the same in every benchmark; full_run says what a full run is."""
+    parser.add_argument("--out", help=f"results folder (default: {LOCAL.relative_to(RESULTS.parents[1])}, "
+                                      "not committed)")
+    parser.add_argument("--write-results", action="store_true",
+                        help=f"write to benchmarks/results, replacing the committed results (a full run only: "
+                             f"{full_run})")
+
+
+def results_folder(args, full: bool) -> Path:
+    """Where the results go: --out if given; benchmarks/results only with --write-results and a full
+    run (SystemExit otherwise, before anything runs); else benchmarks/results/local, so no run
+    replaces the committed results unless asked to."""
+    if args.write_results:
+        if args.out is not None:
+            raise SystemExit("--write-results writes benchmarks/results: give it or --out, not both")
+        if not full:
+            raise SystemExit("--write-results replaces the committed results, so only a full run may "
+                             "(this one is quick, tiny or partial): drop it, or --out DIR")
+        return RESULTS
+    if args.out is not None:
+        return Path(args.out)
+    print(f"results go to {LOCAL} (--write-results to replace the committed benchmarks/results, "
+          "--out DIR to choose)", flush=True)
+    return LOCAL

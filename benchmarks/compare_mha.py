@@ -18,8 +18,8 @@ For each order n = d, in a fresh subprocess (so that its peak memory is its own)
   does), timed in the same process; every row's "× floor" is its time over it.
 
 Writes <out>/<device>.json, .csv, .md (the table quoted in README) and .png (when matplotlib is
-installed); <out> is benchmarks/results for a full run (no --quick, no --orders) with --write, and
-benchmarks/results/partial otherwise, unless --out is given. Exits 1 when an order failed. Peak memory: CUDA, torch.cuda.max_memory_allocated; CPU, the subprocess's maximum
+installed); <out> is benchmarks/results/local (not committed) unless --out DIR, or benchmarks/results
+with --write-results (a full run only: no --quick, no --orders). Exits 1 when an order failed. Peak memory: CUDA, torch.cuda.max_memory_allocated; CPU, the subprocess's maximum
 resident set (ru_maxrss, including the ~0.3 GB of the Python + torch process itself).
 """
 
@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+from common import add_results_options, allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
 
 ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 
@@ -260,11 +260,8 @@ def main() -> None:
     parser.add_argument("--drop-in-max", type=int, default=16, help="largest order run through the drop-in")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per order (subprocess)")
     parser.add_argument("--quick", action="store_true", help="orders 2 and 4, 3 repeats")
-    parser.add_argument("--write", action="store_true",
-                        help="a full run replaces benchmarks/results (without it: benchmarks/results/partial)")
     parser.add_argument("--minilm", action="store_true", help="also try the 384-wide, 12-head drop-in")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results for a full run, "
-                                      "benchmarks/results/partial for --quick or --orders)")
+    add_results_options(parser, "no --quick, no --orders")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-minilm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,7 +275,7 @@ def main() -> None:
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device")
-    full = not args.quick and args.orders is None
+    out = results_folder(args, not args.quick and args.orders is None)
     if args.quick:
         args.orders, args.repeats = args.orders or [2, 4], 3
     orders = args.orders or ([4, 8, 16, 32, 64] if args.device == "cpu" else [4, 8, 16, 32, 64])
@@ -296,7 +293,6 @@ def main() -> None:
             "threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "repeats": args.repeats,
             "allocator": ALLOCATOR_SETTINGS,
             "growth_exponent_U_fast": growth(rows, "U fast"), "growth_exponent_direct": growth(rows, "direct")}
-    out = results_folder(args.out, full and args.write)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"{args.device}{'' if args.dtype == 'float32' else '_' + args.dtype}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

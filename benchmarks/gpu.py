@@ -1,7 +1,8 @@
 """GPU benchmark: U and the drop-in against torch on one CUDA device, in one run (< 5 minutes).
 
-    python benchmarks/gpu.py --write    # needs a CUDA device; results in benchmarks/results/gpu.{json,md}
-    python benchmarks/gpu.py --quick    # one size of each case, printed (or --out DIR)
+    python benchmarks/gpu.py                  # needs a CUDA device; results in benchmarks/results/local/gpu.{json,md}
+    python benchmarks/gpu.py --write-results  # the same, replacing benchmarks/results/gpu.{json,md}
+    python benchmarks/gpu.py --quick          # one size of each case (results in benchmarks/results/local)
 
 Cases (float32, TF32 off everywhere, times are medians of warm calls after torch.cuda.synchronize),
 each U and drop-in case with the "fast" and the "fused" execution (see docs/fused.md):
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import use_allocator_settings  # benchmarks/ is on sys.path
+from common import add_results_options, results_folder, use_allocator_settings  # benchmarks/ is on sys.path
 
 use_allocator_settings()  # before torch (real_model.py, imported below, asks for the same)
 
@@ -109,10 +110,10 @@ def minilm_case() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", help="folder for gpu.{json,md} (default: benchmarks/results with --write)")
-    parser.add_argument("--write", action="store_true", help="write benchmarks/results/gpu.{json,md}")
     parser.add_argument("--quick", action="store_true", help="n = 16 and the drop-in at 16 tokens, no MiniLM")
+    add_results_options(parser, "not --quick")
     args = parser.parse_args()
+    out = results_folder(args, not args.quick)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gpu.py needs a CUDA device (none is visible)")
     torch.backends.cuda.matmul.allow_tf32 = False  # exactness is claimed: no TF32 anywhere
@@ -126,9 +127,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     meta = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "dtype": "float32", "tf32": False}
-    if args.out is None and not args.write:
-        return  # printed only: results files need --write (or --out)
-    out = Path(args.out or Path(__file__).resolve().parent / "results")
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     columns = ["case", "construction + first call s", "warm s", "torch s", "warm / torch", "max error",

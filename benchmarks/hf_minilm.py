@@ -15,7 +15,9 @@
 2. A tiny random GPT-2 (built from a config: 32 wide, 2 heads, 2 layers): a 32-token prompt and 16
    greedy tokens with the KV cache, first call included (no U built before), against eager's tokens.
 
-Writes <out>/hf_minilm.json and <out>/hf_minilm.md and prints the table.
+Writes <out>/hf_minilm.json and <out>/hf_minilm.md and prints the table; <out> is
+benchmarks/results/local (not committed) unless --out DIR, or benchmarks/results with
+--write-results (MiniLM only, not --tiny).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model hub
-from common import allocator_text, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+from common import add_results_options, allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
 
 ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -141,14 +143,14 @@ def main(argv=None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random BERT instead of all-MiniLM-L6-v2")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    add_results_options(parser, "MiniLM, not --tiny")
     args = parser.parse_args(argv)
+    out = results_folder(args, not args.tiny)
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
               "load_avg_1min": os.getloadavg()[0], "allocator": ALLOCATOR_SETTINGS, "torch": torch.__version__,
               "transformers": transformers.__version__, "bert": bert_part(args), "gpt2": gpt2_part()}
     result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hf_minilm.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "hf_minilm.md").write_text(markdown(result))

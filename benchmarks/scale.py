@@ -13,12 +13,13 @@ the term axis last, then a sum over it), the work the fast execution does. It is
 floor: each head's projection terms (B, n, r, E) are formed and summed one head at a time, never
 all heads at once.
 
-    python benchmarks/scale.py                      # every case below, results in benchmarks/results/
-    python benchmarks/scale.py --cases dropin-64x8  # some of them
+    python benchmarks/scale.py                          # every case below
+    python benchmarks/scale.py --cases dropin-64x8-n16  # some of them
+    python benchmarks/scale.py --write-results          # every case, replacing benchmarks/results/scale.*
 
-Results: benchmarks/results/scale.{json,md} for a run of every case with --write; any other run
-writes benchmarks/results/partial/scale.{json,md} (--out DIR to choose), so it never replaces the
-committed results. The largest case needs about 4 GB and half a minute.
+Results: <out>/scale.{json,md}; <out> is benchmarks/results/local (not committed) unless --out DIR,
+or benchmarks/results with --write-results (a run of every case only), so no run replaces the
+committed results unless asked to. The largest case needs about 4 GB and half a minute.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 
 import torch
 
-from common import ALLOCATOR, allocator_text, results_folder  # benchmarks/ is on sys.path
+from common import ALLOCATOR, add_results_options, allocator_text, results_folder  # benchmarks/ is on sys.path
 
 # name -> (kind, sizes): "dropin" (embed_dim, heads, seq_len, batch) or "u" (n, d, heads, batch)
 CASES = {
@@ -156,15 +157,12 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES), help="cases to run")
     parser.add_argument("--repeats", type=int, default=3, help="warm calls per case (median reported)")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per case before it is reported as failed")
-    parser.add_argument("--out", help="folder for scale.{json,md} (default: benchmarks/results for every case, "
-                                      "benchmarks/results/partial for some)")
+    add_results_options(parser, "every case")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per case")
     parser.add_argument("--default-allocator", action="store_true",
                         help="run the cases without benchmarks/common.py's ALLOCATOR settings (huge pages, malloc "
                              "keeping large blocks) unless the environment sets them")
     parser.add_argument("--executions", nargs="+", default=["fast", "fused"], choices=["fast", "fused"])
-    parser.add_argument("--write", action="store_true",
-                        help="a run of every case replaces benchmarks/results (without it: benchmarks/results/partial)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     parser.add_argument("--execution", default="fast", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,6 +170,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_case(args.one, args.repeats, args.execution)))
         return
+    out = results_folder(args, sorted(args.cases) == sorted(CASES))
     env = dict(os.environ)
     if not args.default_allocator:  # see benchmarks/common.py (the environment's own settings win)
         env = {**ALLOCATOR, **env}
@@ -195,7 +194,6 @@ def main() -> None:
     meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} ({os.cpu_count()} cores)",
             "torch": torch.__version__, "threads": args.threads, "dtype": "float32",
             "allocator": {k: env.get(k) for k in ALLOCATOR}, "load average": os.getloadavg()}
-    out = results_folder(args.out, sorted(args.cases) == sorted(CASES) and args.write)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     columns = ["case", "execution", "tokens", "construction s", "first call s", "warm call s (median)", "term floor s",
