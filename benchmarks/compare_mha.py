@@ -3,6 +3,7 @@
     python benchmarks/compare_mha.py --device cpu            # orders 4..64, batch 64, float32
     python benchmarks/compare_mha.py --device cuda           # orders 4..64, batch 256 (+ float64)
     python benchmarks/compare_mha.py --device cpu --quick    # a smoke run (orders 2, 4)
+    python benchmarks/compare_mha.py --replot benchmarks/results/cpu.json  # redraw cpu.png from its data
 
 For each order n = d, in a fresh subprocess (so that its peak memory is its own):
 
@@ -35,6 +36,7 @@ import platform
 import resource
 import statistics
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -201,18 +203,57 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+MIN_FIT_POINTS = 3  # a slope through two points is no measurement of an exponent
+
+
 def growth(rows: list[dict], method: str) -> float | None:
-    """Least-squares slope of log(time) against log(order): the measured exponent."""
+    """Least-squares slope of log(time) against log(order): the measured exponent; None with fewer
+    than MIN_FIT_POINTS orders."""
     points = [(math.log(r["order"]), math.log(r["time_s"])) for r in rows
               if r["method"] == method and r.get("status", "ok") == "ok"]
-    if len(points) < 2:
+    if len(points) < MIN_FIT_POINTS:
         return None
     mx = sum(p[0] for p in points) / len(points)
     my = sum(p[1] for p in points) / len(points)
     return sum((p[0] - mx) * (p[1] - my) for p in points) / sum((p[0] - mx) ** 2 for p in points)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+TORCH_METHODS = ("direct", "term floor", "nn.MultiheadAttention")
+
+
+def implausible(rows: list[dict]) -> list[str]:
+    """A torch baseline's time that falls as the order grows (its work grows like d^3): the point is
+    noise (a busy machine, a kernel changing path), not a measurement to divide by."""
+    notes = []
+    for method in TORCH_METHODS:
+        points = sorted((r["order"], r["time_s"]) for r in rows if r["method"] == method and r.get("status", "ok") == "ok")
+        for (prev, t0), (order, t1) in zip(points, points[1:]):
+            if t1 < 0.8 * t0:
+                notes.append(f"{method} at order {order} took {1e3 * t1:.3g} ms, less than at order {prev} "
+                             f"({1e3 * t0:.3g} ms): implausible (a busy machine or a kernel changing path); "
+                             f"ratios to it are unreliable, rerun on a quiet machine")
+    return notes
+
+
+def growth_text(meta: dict, rows: list[dict]) -> str:
+    orders = sorted({r["order"] for r in rows if r["method"] == "U fast" and r.get("status", "ok") == "ok"})
+    if meta["growth_exponent_U_fast"] is None:
+        return (f"Growth of U (fast) time with the order: not fitted ({len(orders)} orders measured; a fit "
+                f"needs at least {MIN_FIT_POINTS})")
+    return f"Measured growth of U (fast) time with the order: d^{meta['growth_exponent_U_fast']:.2f} (orders {orders})"
+
+
+FLOOR_NOTE = ("The term floor (every product term formed, then summed) is one broadcast multiply and one sum "
+              "per product: at small orders its time is per-call overhead and kernel choice, not arithmetic, "
+              "so it need not grow monotonically there.")
+
+
+def plot_title(meta: dict) -> str:
+    return (f"U and the drop-in against torch on {meta['device_name']}, batch {meta['batch']}, {meta['dtype']} "
+            f"({meta['date']})")
+
+
+def plot(rows: list[dict], path: Path, title: str = "") -> None:
     try:
         import matplotlib
 
@@ -236,7 +277,9 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
-    fig.tight_layout()
+    fig.suptitle(title or "U and the drop-in against torch: time and error by order", fontsize=10)
+    fig.text(0.5, 0.01, "\n".join(textwrap.wrap(FLOOR_NOTE, 160)), ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
 
@@ -262,9 +305,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="orders 2 and 4, 3 repeats")
     parser.add_argument("--minilm", action="store_true", help="also try the 384-wide, 12-head drop-in")
     add_results_options(parser, "no --quick, no --orders")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the picture of a results file "
+                                                          "(<device>.json -> <device>.png beside it)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--one-minilm", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        plot(data["rows"], Path(args.replot).with_suffix(".png"), plot_title(data["meta"]))
+        return
     if args.batch is None:
         args.batch = 256 if args.device == "cuda" else 64
     if args.one is not None:
@@ -301,12 +350,14 @@ def main() -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown_table(rows, meta)
-    table += f"\n\nMeasured growth of U (fast) time with the order: d^{meta['growth_exponent_U_fast']:.2f}" \
-        if meta["growth_exponent_U_fast"] is not None else ""
+    meta["implausible"] = implausible(rows)
+    table = markdown_table(rows, meta) + "\n\n" + growth_text(meta, rows)
+    table += "".join(f"\n\nWarning: {note}" for note in meta["implausible"])
+    table += f"\n\n{FLOOR_NOTE}"
     stem.with_suffix(".md").write_text(table + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(table)
-    plot(rows, stem.with_suffix(".png"))
+    plot(rows, stem.with_suffix(".png"), plot_title(meta))
     failed = [f"{r['order']} ({r['method']}): {r['status']}" for r in rows if r.get("status", "ok") != "ok"]
     if failed:
         sys.exit(f"failed: {'; '.join(failed)}")

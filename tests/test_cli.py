@@ -175,3 +175,127 @@ def test_demo_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatc
                  "--picture", str(tmp_path / "demo.png")]) == 0
     assert "pip install -e '.[plot]'" in capsys.readouterr().out
     assert not (tmp_path / "demo.png").exists()
+
+
+# --- sizes refused up front, messages that name the option ---------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["demo", "--batch", "100000000", "--no-picture"], r"--batch 100000000.*memory.*choose --batch at most"),
+    (["demo", "--batch", "1000000", "--no-picture"], r"--batch 1000000.*(token-items|memory).*choose --batch at most"),
+    (["demo", "--heads", "50000", "--embed-dim", "50000", "--no-picture"], r"--embed-dim 50000, --heads 50000.*tokens"),
+    (["demo", "--tokens", "100000000", "--no-picture"], r"--tokens 100000000.*more than positions can number"),
+    (["demo", "--embed-dim", "3000000", "--heads", "1", "--no-picture"], r"--embed-dim 3000000"),
+    (["demo", "--tokens", "20"], r"--tokens 20: the picture.*--no-picture"),
+    (["demo", "--dpi", "8000"], r"--dpi must be in 1\.\.1000, got 8000"),
+    (["show", "u", "2", "--heads", "100000"], r"--heads 100000: a U figure draws at most"),
+    (["show", "u", "2", "--head-dim", "100000"], r"--head-dim 100000"),
+    (["show", "u", "100000", "3"], r"SIZE n 100000"),
+    (["show", "inverse", "10000"], r"inverse 10000 lays out 400,000,001 tokens.*e\.g\. inverse 5\)"),
+    (["show", "transpose", "2", "--dpi", "8000"], r"--dpi must be in 1\.\.1000"),
+    (["show", "matmul", "2", "--layers", "1-100000000000"], r"--layers 1-100000000000: MatMul\(n=2, m=2, p=2\) has layers 1\.\.1"),
+])
+def test_sizes_are_refused_up_front_naming_the_option(argv, message, capsys, tmp_path, monkeypatch):
+    """Each returns at once (nothing is built or allocated), and the message names the option, never
+    an internal slot."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    import time
+
+    start = time.perf_counter()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "positional" not in err and "Traceback" not in err
+    assert time.perf_counter() - start < 10, argv
+    assert not list(tmp_path.iterdir())
+
+
+def test_token_counts_are_the_layouts(seed):
+    """usim.budget's closed forms give every construction's sequence length exactly."""
+    from usim import budget
+    from usim.__main__ import OPS
+
+    for args in [(1, 1, 1), (3, 3, 1), (2, 5, 2), (4, 3, 3)]:
+        assert usim.UniversalSimulator(*args).layout.length == budget.u_tokens(*args), args
+    for n, d, h, r, m, kdim, vdim in [(2, 3, 2, 2, None, None, None), (3, 5, 1, 4, None, None, None),
+                                      (2, 3, 2, 2, 4, 5, 6), (3, 2, 1, 3, 2, 7, 1)]:
+        u = usim.UniversalSimulator(n, d, h, head_dim=r, kv_len=m, kdim=kdim, vdim=vdim)
+        assert u.layout.length == budget.u_tokens(n, d, h, r, m, kdim, vdim)
+    for key, sizes in [("transpose", [2, 3]), ("matmul", [2, 3, 5]), ("softmax", [2, 3]), ("relu", [2, 3]),
+                       ("maxmin", [3, 4]), ("groupsort", [3, 4]), ("inverse", [3]), ("determinant", [4])]:
+        assert build_op(key, sizes).layout.length == budget.op_tokens(OPS[key][0], sizes), key
+    with pytest.raises(ValueError, match=r"n=100000, d=100000, heads=1 would lay out .* tokens, more than positions"):
+        usim.UniversalSimulator(100000, 100000)
+
+
+def test_show_hints_name_options_that_work(tmp_path, capsys):
+    """show inverse 6 is too many tokens (the hint names a size that fits); inverse 5 is too deep and
+    its hint, --layers 1-24, draws it."""
+    pytest.importorskip("matplotlib")
+    assert main(["show", "inverse", "6", "--out", str(tmp_path / "i.png")]) == 2
+    hint = re.search(r"e\.g\. (inverse \d+)", capsys.readouterr().err).group(1)
+    assert main(["show", *hint.split(), "--out", str(tmp_path / "i.png")]) == 2
+    layers = re.search(r"(--layers \S+) on the command line", capsys.readouterr().err).group(1)
+    assert main(["show", *hint.split(), *layers.split(), "--out", str(tmp_path / "i.png"), "--dpi", "20"]) == 0
+    assert (tmp_path / "i.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_show_reports_the_path_it_writes(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adir").mkdir()
+    for out, written in (("adir", tmp_path / "adir" / "transpose.png"), ("noext", tmp_path / "noext.png"),
+                         ("pic.png", tmp_path / "pic.png")):
+        assert main(["show", "transpose", "2", "--out", out, "--dpi", "20"]) == 0
+        assert f"wrote {written} " in capsys.readouterr().out and written.read_bytes()[:8] == PNG_SIGNATURE
+    assert main(["show", "transpose", "2", "--out", "nofolder/", "--dpi", "20"]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+def test_show_a_checkpoint_refuses_what_it_fixes_and_a_large_drop_in_says_what_to_draw(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    checkpoint = str(CHECKPOINTS / "transpose_4x4.safetensors")
+    for option in (["--heads", "3"], ["--head-dim", "2"], ["--group-size", "2"], ["4"]):
+        assert main(["show", checkpoint, *option, "--out", str(tmp_path / "x.png")]) == 2
+        assert "fixes its sizes: drop" in capsys.readouterr().err
+    drop_in = usim.SimulatedMultiheadAttention.from_torch(__import__("torch").nn.MultiheadAttention(32, 4), seq_len=8)
+    usim.save(drop_in, tmp_path / "big.safetensors")
+    assert main(["show", str(tmp_path / "big.safetensors"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    suggested = re.search(r"`python -m usim (show u [^`]+)`", err).group(1).split()
+    assert "describe" in err and not (tmp_path / "x.png").exists()
+    assert main([*suggested, "--out", str(tmp_path / "x.png"), "--dpi", "20"]) == 0
+
+
+def test_describe_refuses_folders_and_fifos_at_once(tmp_path, capsys):
+    import os
+    import time
+
+    assert main(["describe", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    assert main(["describe", str(fifo)]) == 2
+    assert "not a regular file" in capsys.readouterr().err and time.perf_counter() - start < 5
+
+
+def test_no_progress_after_the_command_too(tmp_path):
+    from usim.progress import progress_enabled
+
+    assert main(["describe", str(CHECKPOINTS / "transpose_4x4.safetensors"), "--no-progress"]) == 0
+    assert not progress_enabled()
+    args = make_parser().parse_args(["--no-progress", "describe", "x"])
+    assert args.no_progress  # before the command, as before
+    assert not hasattr(make_parser().parse_args(["describe", "x"]), "no_progress") or \
+        not make_parser().parse_args(["describe", "x"]).no_progress
+
+
+def test_scale_benchmark_help_names_a_valid_case():
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    examples = re.findall(r"--cases ([\w-]+)", done.stdout)
+    cases = re.search(r"--cases \[\{([^}]*)\}", done.stdout)
+    assert examples and cases, done.stdout
+    assert all(e in cases.group(1).split(",") for e in examples), (examples, cases.group(1))

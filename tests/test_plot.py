@@ -218,3 +218,27 @@ def test_example_inputs_fit_every_op():
     u = usim.UniversalSimulator(2, 3, heads=2)
     (x, a, v), keywords = example_inputs(u)
     assert x.shape == (2, 3) and a.shape == v.shape == (2, 3, 3) and keywords == {}
+
+
+def test_u_titles_fit_and_labels_come_from_the_slots_each_layer_writes(tmp_path):
+    """The heading wraps to the figure's width (none cut off), and every layer's label names what
+    that layer of the encoder writes: the factored form's layer 10 is the weight multiplier."""
+    pytest.importorskip("matplotlib")
+    from usim.ops.base import layer_specs
+    from usim.plot import U_STEPS, _u_computes
+
+    u = usim.UniversalSimulator(3, 3, head_dim=2)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = usim.plot(u)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    box = fig._suptitle.get_window_extent(canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width, (box, fig.bbox)
+    for factored, module in ((True, u), (False, usim.UniversalSimulator(2, 2))):
+        for spec in layer_specs(module.encoder):
+            label = _u_computes(spec, factored)
+            for slot in spec["writes"]:
+                step = slot.partition(".")[2].rstrip("0123456789")
+                assert not step or U_STEPS.get(step, slot) in label, (slot, label)
+    assert "weight multiplier" in _u_computes(layer_specs(u.encoder)[9], True)

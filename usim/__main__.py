@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import usim
+from usim import budget
 from usim.progress import progress, set_progress
 
 
@@ -43,14 +44,76 @@ the matrices a_h and v_h of an attention layer as its input, outputs what that a
 computes: the sum over heads h of softmax(x a_h x^T) x v_h."""
 
 
+MAX_DPI = 1000
+"""Highest --dpi (a 10 x 10 inch figure at 1000 dpi is 100 megapixels, 400 MB to render)."""
+MAX_PIXELS = 2 * 10 ** 8
+"""Most pixels of a picture written by the CLI (800 MB of RGBA)."""
+
+
+def _options(args, *names) -> str:
+    return ", ".join(f"--{n.replace('_', '-')} {getattr(args, n)}" for n in names)
+
+
 def check_demo(args) -> None:
-    """ValueError naming the option for sizes the demo cannot run with."""
+    """ValueError naming the option for sizes the demo cannot run with, before anything is allocated:
+    token counts past int32 positions, the picture's limits, memory and work estimated from the sizes."""
     for option in ("n", "m", "tokens", "embed_dim", "heads", "batch", "dpi"):
         if getattr(args, option) < 1:
             raise ValueError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.embed_dim % args.heads:
         raise ValueError(f"--embed-dim {args.embed_dim} must be divisible by --heads {args.heads} (each of the "
                          f"drop-in's heads gets embed_dim / heads features, as in nn.MultiheadAttention)")
+    check_dpi(args.dpi)
+    n, d, h, batch = args.tokens, args.embed_dim, args.heads, args.batch
+    if 2 * args.n * args.m > budget.MAX_TOKENS:
+        raise ValueError(f"{_options(args, 'n', 'm')}: Transpose lays out {2 * args.n * args.m:,} tokens, more "
+                         f"than positions can number ({budget.MAX_TOKENS:,}): choose smaller")
+    tokens = {"U": budget.u_tokens(n, d, h), "the drop-in's U": budget.u_tokens(n, d, h, head_dim=d // h)}
+    for what, count in tokens.items():
+        if count > budget.MAX_TOKENS:
+            raise ValueError(f"{_options(args, 'tokens', 'embed_dim', 'heads')}: {what} would lay out {count:,} "
+                             f"tokens, more than positions can number ({budget.MAX_TOKENS:,}): choose smaller")
+    if not args.no_picture:
+        from usim.plot import MAX_U
+
+        for option, value, limit in (("tokens", n, MAX_U["n"]), ("embed-dim", d, MAX_U["d"]), ("heads", h, MAX_U["heads"])):
+            if value > limit:
+                raise ValueError(f"--{option} {value}: the picture draws U up to {option} {limit}; pass "
+                                 f"--no-picture to run these sizes without it")
+    # memory: inputs and references in float32 and float64 (x, scores, values per head), the weights,
+    # and U's run (its structured program holds a few slots per token of an item, for a few items)
+    per_item = 12 * (3 * n * d + 2 * h * n * d + 2 * h * n * n)
+    fixed = 24 * h * d * d + 64 * max(tokens.values()) * 8
+    need, available = fixed + batch * per_item, budget.available_bytes()
+    if need > available:
+        fits = (available - fixed) // per_item
+        hint = f"--batch at most {fits:,}" if fits >= 1 else "smaller --tokens, --embed-dim or --heads"
+        raise ValueError(f"{_options(args, 'batch', 'tokens', 'embed_dim', 'heads')}: the demo would need about "
+                         f"{budget.gigabytes(need)} of memory, more than the {budget.gigabytes(available)} "
+                         f"available: choose {hint}")
+    work = 2 * batch * sum(tokens.values())  # two calls each of U and the drop-in, every token of every item
+    if work > budget.WORK_LIMIT:
+        fits = budget.WORK_LIMIT // (2 * sum(tokens.values()))
+        raise ValueError(f"{_options(args, 'batch', 'tokens', 'embed_dim', 'heads')}: the demo would compute "
+                         f"{work:.2g} token-items (batch x tokens), more than its limit of {budget.WORK_LIMIT:.0g} "
+                         f"(minutes on a CPU): choose " + (f"--batch at most {fits:,}" if fits >= 1 else
+                                                          "smaller --tokens, --embed-dim or --heads"))
+
+
+def check_dpi(dpi: int) -> None:
+    if not 1 <= dpi <= MAX_DPI:
+        raise ValueError(f"--dpi must be in 1..{MAX_DPI}, got {dpi}")
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """fig.savefig(path, dpi), refused (naming --dpi) where the picture would exceed MAX_PIXELS."""
+    width, height = fig.get_size_inches()
+    pixels = width * dpi * height * dpi
+    if pixels > MAX_PIXELS:
+        fits = int((MAX_PIXELS / (width * height)) ** 0.5)
+        raise ValueError(f"--dpi {dpi}: the {width:.3g} x {height:.3g} inch picture would be {width * dpi:,.0f} x "
+                         f"{height * dpi:,.0f} pixels (at most {MAX_PIXELS:.0e}): choose --dpi at most {fits}")
+    fig.savefig(path, dpi=dpi)
 
 
 def png_path(out) -> Path:
@@ -162,7 +225,7 @@ def picture_demo(args, u, x, a, v) -> None:
         return
     path = png_path(args.picture).resolve()
     fig = usim.plot(u, x[0], a, v)
-    fig.savefig(path, dpi=args.dpi)
+    save_figure(fig, path, args.dpi)
     print(f"{path}\nwhat each of U's layers computes, and each head's attention weights computed by U beside "
           f"torch's.\nDraw any construction with: python -m usim show matmul 3 --out matmul.png")
 
@@ -195,6 +258,7 @@ def build_op(name: str, sizes: list[int], heads: int = 1, group_size: int | None
         raise ValueError(f"{key} takes at most {len(names)} sizes ({', '.join(names)}), got {len(sizes)}: {sizes}")
     sizes = list(sizes) or [3]
     sizes += [sizes[-1]] * (len(names) - len(sizes))
+    check_drawable(key, sizes, heads, head_dim)
     cls = getattr(usim, kind)
     if key == "u":
         return cls(*sizes, heads=heads) if head_dim is None else cls(*sizes, heads=heads, head_dim=head_dim)
@@ -203,26 +267,50 @@ def build_op(name: str, sizes: list[int], heads: int = 1, group_size: int | None
     return cls(*sizes)
 
 
+def check_drawable(key: str, sizes: list[int], heads: int = 1, head_dim: int | None = None) -> None:
+    """ValueError naming the size or option, before anything is built, for what a figure cannot draw
+    (usim.plot's limits: MAX_TOKENS tokens for an op, MAX_U for U)."""
+    from usim.plot import MAX_TOKENS, MAX_U
+
+    if any(s < 1 for s in sizes) or heads < 1 or (head_dim is not None and head_dim < 1):
+        return  # the constructor names it
+    if key == "u":
+        for name, value, limit in (("SIZE n", sizes[0], MAX_U["n"]), ("SIZE d", sizes[1], MAX_U["d"]),
+                                   ("--heads", heads, MAX_U["heads"]), ("--head-dim", head_dim or 1, MAX_U["d"])):
+            if value > limit:
+                raise ValueError(f"{name} {value}: a U figure draws at most n = {MAX_U['n']}, d = {MAX_U['d']}, "
+                                 f"heads = {MAX_U['heads']}, head_dim = {MAX_U['d']} legibly")
+        return
+    kind = OPS[key][0]
+    tokens = budget.op_tokens(kind, sizes)
+    if tokens > MAX_TOKENS:
+        largest = max((s for s in range(1, MAX_TOKENS + 1) if budget.op_tokens(kind, [s] * len(sizes)) <= MAX_TOKENS),
+                      default=1)
+        raise ValueError(f"{key} {' '.join(map(str, sizes))} lays out {tokens:,} tokens; an op figure draws at most "
+                         f"{MAX_TOKENS} (a row and a column per token): choose smaller SIZEs (e.g. {key} "
+                         f"{' '.join([str(largest)] * len(sizes))})")
+
+
 def parse_layers(text: str | None, depth: int | None = None, title: str = "the construction"):
     """"1-5", "3" or "1,3,7" (numbered from 1, as in the pictures and ``describe``'s table) -> layer
-    indices from 0; with ``depth``, numbers past the last layer are a ValueError in the same numbering."""
+    indices from 0; with ``depth``, numbers past the last layer are a ValueError in the same numbering
+    (checked before any range is expanded)."""
     if text is None:
         return None
-    chosen = []
+    spans = []
     for part in text.split(","):
         try:
-            if "-" in part:
-                first, last = (int(s) for s in part.split("-", 1))
-                chosen += range(first, last + 1)
-            else:
-                chosen.append(int(part))
+            first, last = (int(s) for s in part.split("-", 1)) if "-" in part else (int(part),) * 2
         except ValueError:
             raise ValueError(f"--layers takes numbers from 1 such as 1-5 or 1,3,7; got {text!r}") from None
-    if any(i < 1 for i in chosen):
+        spans.append((first, last))
+    if any(first < 1 or last < 1 for first, last in spans):
         raise ValueError(f"--layers are numbered from 1, got {text!r}")
-    if depth is not None and any(i > depth for i in chosen):
+    if depth is not None and any(max(span) > depth for span in spans):
         raise ValueError(f"--layers {text}: {title} has layers 1..{depth}")
-    return [i - 1 for i in chosen]
+    if sum(max(0, last - first + 1) for first, last in spans) > 10 ** 6:
+        raise ValueError(f"--layers {text}: too many layers")
+    return [i - 1 for first, last in spans for i in range(first, last + 1)]
 
 
 def _drop_in_u(drop_in):
@@ -243,27 +331,64 @@ def show(args) -> None:
         import matplotlib  # noqa: F401
     except ImportError:
         sys.exit(f"show needs matplotlib: {INSTALL_HINT}")
+    check_dpi(args.dpi)
     with progress(3, "show") as bar:
-        if args.op.endswith(".safetensors") or os.path.isfile(args.op):
-            if args.sizes:
-                raise ValueError("sizes are given by the checkpoint itself: drop them")
-            module = usim.load(args.op)
-            if isinstance(module, usim.SimulatedMultiheadAttention):  # a drop-in is drawn as the U computing it
-                print(f"{args.op} is a drop-in for nn.MultiheadAttention: drawing the U that computes it")
-                module = _drop_in_u(module)
+        if args.op.endswith(".safetensors") or os.path.exists(args.op):
+            module = show_checkpoint(args)
         else:
-            module = build_op(args.op, args.sizes, heads=args.heads, group_size=args.group_size,
-                              head_dim=args.head_dim)
+            module = build_op(args.op, args.sizes, heads=1 if args.heads is None else args.heads,
+                              group_size=args.group_size, head_dim=args.head_dim)
         bar.update()
         layers = parse_layers(args.layers, module.depth, module.title)
-        out = png_path(args.out or f"{module.kind.lower()}.png")
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a folder: give the PNG file's name")
+        out = out_path(args.out, module.kind)
         fig = usim.plot(module, layers=layers, seed=args.seed)
         bar.update()
-        fig.savefig(out, dpi=args.dpi)
+        save_figure(fig, out, args.dpi)
         bar.update()
     print(f"wrote {out} ({module.title})")
+
+
+def out_path(out: str | None, kind: str) -> Path:
+    """The PNG file show writes, as it will be written: --out as given (".png" added to a name without
+    an extension, as matplotlib would), inside an existing folder as <kind>.png, resolved."""
+    if out is None:
+        return Path(f"{kind.lower()}.png").resolve()
+    path = Path(out)
+    if path.is_dir():
+        return (path / f"{kind.lower()}.png").resolve()
+    if out.endswith(("/", os.sep)):
+        raise ValueError(f"--out {out}: no such folder")
+    return png_path(path).resolve()
+
+
+def show_checkpoint(args):
+    """The construction a checkpoint holds, to draw; options the checkpoint fixes are refused, and a
+    drop-in too large to draw says what can be drawn instead."""
+    from usim.plot import MAX_U
+
+    fixed = [f"--{name.replace('_', '-')}" for name in ("heads", "head_dim", "group_size") if getattr(args, name) is not None]
+    if args.sizes or fixed:
+        raise ValueError(f"{args.op} fixes its sizes: drop {' and '.join((['SIZE'] if args.sizes else []) + fixed)}")
+    module = usim.load(args.op)
+    if isinstance(module, usim.SimulatedMultiheadAttention):  # a drop-in is drawn as the U computing it
+        extra = int(module.has_bias)  # the homogeneous coordinate
+        n, u = module.seq_len or 4, None
+        sizes = {"n": n, "d": module.embed_dim + extra, "heads": module.num_heads}
+        if all(sizes[name] <= MAX_U[name] for name in MAX_U):
+            u = _drop_in_u(module)
+        else:
+            u = argparse.Namespace(title=f"U(n={n}, d={sizes['d']}, heads={module.num_heads}, "
+                                         f"head_dim={module.head_dim})", head_dim=module.head_dim, **sizes)
+            raise ValueError(
+                f"{args.op} is a drop-in for nn.MultiheadAttention(embed_dim={module.embed_dim}, "
+                f"num_heads={module.num_heads}), computed by {u.title}, too large to draw (a U figure draws at "
+                f"most n = {MAX_U['n']}, d = {MAX_U['d']}, heads = {MAX_U['heads']}). Instead: `python -m usim "
+                f"describe {args.op}` lists it, and `python -m usim show u {min(u.n, MAX_U['n'])} "
+                f"{min(u.d, MAX_U['d'])} --heads {min(u.heads, MAX_U['heads'])} --head-dim "
+                f"{min(u.head_dim, MAX_U['d'])}` draws a U of the same form")
+        print(f"{args.op} is a drop-in for nn.MultiheadAttention: drawing the U that computes it")
+        module = u
+    return module
 
 
 # --- describe ----------------------------------------------------------------------------------
@@ -414,8 +539,13 @@ def make_parser() -> argparse.ArgumentParser:
                         help="never show progress bars (they appear on a terminal, for work over 2 s, with tqdm)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of the commands below; COMMAND --help describes its options")
+    # --no-progress after the command too (SUPPRESS: a command's default never hides the global flag)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                        help="never show progress bars")
 
-    p = sub.add_parser("demo", help="a tour for newcomers: constructed transformers beside torch, and a picture",
+    p = sub.add_parser("demo", parents=[common],
+                       help="a tour for newcomers: constructed transformers beside torch, and a picture",
                        description="Runs usim.Transpose, the universal simulator U and the "
                                    "nn.MultiheadAttention drop-in beside torch, explaining each number, "
                                    "then draws a picture of U (with matplotlib installed).")
@@ -433,7 +563,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=demo)
 
     ops = "\n".join(f"  {name:<12} {' '.join(OPS[name][1]):<6} {OPS[name][2]}" for name in OPS)
-    p = sub.add_parser("show", help="draw one construction to a PNG file (needs matplotlib)",
+    p = sub.add_parser("show", parents=[common], help="draw one construction to a PNG file (needs matplotlib)",
                        formatter_class=formatter,
                        description=textwrap.fill(
                            "Draws a construction run on random inputs: for an operation, its token sequence "
@@ -444,8 +574,9 @@ def make_parser() -> argparse.ArgumentParser:
                        + f"{ops}\n\nExample: python -m usim show matmul 3 --out matmul.png")
     p.add_argument("op", metavar="OP", help="an operation named above, or a .safetensors checkpoint file")
     p.add_argument("sizes", metavar="SIZE", type=int, nargs="*", help="the operation's sizes (see above)")
-    p.add_argument("--out", help="the PNG file to write (default: the operation's name, e.g. matmul.png)")
-    p.add_argument("--heads", type=int, default=1, help="attention heads of U (default 1)")
+    p.add_argument("--out", help="the PNG file to write, or a folder to write it in (default: the operation's "
+                                 "name, e.g. matmul.png)")
+    p.add_argument("--heads", type=int, help="attention heads of U (default 1)")
     p.add_argument("--head-dim", type=int,
                    help="U in the factored form of nn.MultiheadAttention, with heads of this size "
                         "(default: the (A, V) form)")
@@ -456,7 +587,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpi", type=int, default=100, help="resolution of the PNG (default 100)")
     p.set_defaults(func=show)
 
-    p = sub.add_parser("describe", help="what a checkpoint file holds, as a table",
+    p = sub.add_parser("describe", parents=[common], help="what a checkpoint file holds, as a table",
                        description="Prints a checkpoint's kind, constructor arguments, format version, "
                                    "size, token layout, stream slots, and per layer its heads, score tiers, "
                                    "FFN activation and units, and the slots it reads and writes.")
@@ -473,7 +604,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--script-help", action="store_true", help="print the benchmark script's own options")
     p.set_defaults(func=bench)
 
-    p = sub.add_parser("export", help="write the shipped checkpoints",
+    p = sub.add_parser("export", parents=[common], help="write the shipped checkpoints",
                        description="Writes every shipped checkpoint (U for n = d = 3, 4, 8 with 1 and 2 "
                                    "heads, every op at 4x4) as .safetensors files.")
     p.add_argument("directory", nargs="?", default="checkpoints",

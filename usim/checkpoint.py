@@ -282,6 +282,7 @@ def _read(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _check_regular_file(path)
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -297,6 +298,17 @@ def _read(path):
         raise ValueError(f"{path}: unknown usim format version {_short(version)} "
                          f"(this usim reads {', '.join(map(repr, READABLE_FORMATS))})")
     return metadata, tensors
+
+
+def _check_regular_file(path: str) -> None:
+    """A folder, a FIFO, a device or a socket is refused at once (reading a FIFO would wait forever)."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{path} is a folder, not a checkpoint: give a .safetensors file in it")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file (a FIFO, device or socket): a checkpoint is a .safetensors file")
 
 
 def _short(value, limit: int = 60) -> str:

@@ -132,7 +132,8 @@ class Builder:
         """A slot holding a fixed small integer per position, given per token (optionally with its square)."""
         values = torch.as_tensor(values, dtype=torch.long)
         if values.numel() and values.abs().max() >= 2 ** 31:
-            raise ValueError(f"positional {name!r}: values must fit in int32")
+            raise ValueError(f"positional {name!r}: values must fit in int32 (the layout has "
+                             f"{self.layout.length:,} tokens: choose smaller sizes)")
         if values.shape != (self.layout.length,):
             raise ValueError(f"positional {name!r}: expected ({self.layout.length},), got {tuple(values.shape)}")
         pieces = []
@@ -162,7 +163,8 @@ class Builder:
         for p in pieces:  # the largest value a corner of the piece reaches must fit int32
             top = abs(p.const) + sum(abs(c) * max(abs(l), abs(h - 1)) for c, l, h in zip(p.coef, p.lo, p.hi))
             if (top * top if square else top) >= 2 ** 31:
-                raise ValueError(f"positional {name!r}: values must fit in int32")
+                raise ValueError(f"positional {name!r}: values must fit in int32 (the layout has "
+                                 f"{self.layout.length:,} tokens: choose smaller sizes)")
         self.slot(name)
         self._pos[name] = pieces
         if square:

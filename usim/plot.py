@@ -70,7 +70,12 @@ U_STEPS = {
     "a": "fetch operands", "b": "fetch operands", "term": "multiply", "mean": "sum", "out": "sum",
     "x": "fetch entries", "max": "row maximum", "e": "exp(S − max)", "r": "1 / row sum", "p": "e · (1 / sum)",
     "drop": "masked keys", "exp": "exp(S − max)", "full": "fully masked rows",
+    "excess": "a masked key's excess over the maximum", "over": "the excess where masked",
+    "add": "+ score bias (attn_mask)", "scale": "fetch the weight multiplier",
+    "pd": "× weight multiplier (dropout's mask / (1 − p), else 1)",
 }
+# Every label is read from the slots a layer of the encoder writes: a stage tag and a step each; a
+# step not named here is shown as its slot, never left out.
 
 
 def _matplotlib():
@@ -214,6 +219,9 @@ def plot(module, *inputs, layers=None, title: str | None = None, seed: int = 0, 
         if not inputs:
             inputs, keywords = example_inputs(module, seed)
         return _u_figure(module, inputs, keywords, title)
+    if module.layout.length > MAX_TOKENS:  # first: choosing layers would not help
+        raise ValueError(f"{module.title} lays out {module.layout.length} tokens; an op figure draws at most "
+                         f"{MAX_TOKENS} (one row and one column per token): choose smaller sizes")
     return _op_figure(module, inputs, keywords, _chosen_layers(module, layers), title, seed)
 
 
@@ -297,9 +305,6 @@ def _op_figure(module, inputs, keywords, layers: list[int], title, seed):
     Figure, _ = _matplotlib()
     layout, encoder = module.layout, module.encoder
     length = layout.length
-    if length > MAX_TOKENS:
-        raise ValueError(f"{module.title} lays out {length} tokens; an op figure draws at most {MAX_TOKENS} "
-                         f"(one row and one column per token): choose smaller sizes")
     if inputs or keywords:
         trace = record(module, lambda: module(*inputs, **keywords))
     else:
@@ -323,9 +328,9 @@ def _op_figure(module, inputs, keywords, layers: list[int], title, seed):
     grid = fig.add_gridspec(len(rows), ncols)
     heading = title or (f"{module.title}: {_count(module.depth, 'layer')}, {length} tokens, "
                         f"at most {_count(module.width, 'attention head')} in a layer")
-    fig.suptitle(heading + "\nRow = query token, column = key token it reads (coloured). "
-                 "Last panel of a layer: the stream slots it writes, per token (red +, blue −, "
-                 "scaled per slot).", fontsize=10)
+    fig.suptitle(_wrap(heading + "\nRow = query token, column = key token it reads (coloured). "
+                       "Last panel of a layer: the stream slots it writes, per token (red +, blue −, "
+                       "scaled per slot).", fig, 10), fontsize=10)
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             ax = fig.add_subplot(grid[r, c])
@@ -507,9 +512,9 @@ def _u_figure(u, inputs, keywords, title):
     table_height = 0.25 * (u.depth + 2)  # inches: a line per layer, the header and the title
     fig = Figure(figsize=(3 * cell + 1.5, (heads + 1) * (cell + 0.7) + table_height + 1.0), layout="constrained")
     grid = fig.add_gridspec(heads + 2, 3, height_ratios=[table_height / (cell + 0.7)] + [1] * (heads + 1))
-    fig.suptitle(title or f"{u.title}: one encoder of {u.depth} layers computes {form}\n"
-                 f"(x: n = {u.n} rows of d = {u.d} numbers; {u.layout.length} tokens in U's input sequence)",
-                 fontsize=10)
+    fig.suptitle(_wrap(title or f"{u.title}: one encoder of {u.depth} layers computes {form}\n"
+                       f"(x: n = {u.n} rows of d = {u.d} numbers; {u.layout.length} tokens in U's input sequence)",
+                       fig, 10), fontsize=10)
 
     table_ax = fig.add_subplot(grid[0, :])
     table_ax.set_label("overview")
@@ -551,6 +556,14 @@ def _u_figure(u, inputs, keywords, title):
     return fig
 
 
+def _wrap(text: str, fig, fontsize: float) -> str:
+    """text with each line wrapped to the figure's width (a character is about 0.6 em wide)."""
+    import textwrap
+
+    chars = max(20, int(fig.get_size_inches()[0] * 72 / (0.6 * fontsize)) - 4)
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
 def _gap(value) -> str:
     return "0 (equal)" if value == 0 else f"{float(value):.1e}"
 
@@ -572,7 +585,7 @@ def _u_computes(spec: dict, factored: bool) -> str:
             unknown.append(slot)
             continue
         steps = phrases.setdefault(stages[tag], [])
-        word = U_STEPS.get(step)
+        word = U_STEPS.get(step, slot) if step else None
         if word and word not in steps and word != stages[tag]:
             steps.append(word)
     parts = [f"{stage} ({', '.join(steps)})" if steps else stage for stage, steps in phrases.items()]

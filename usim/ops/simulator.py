@@ -35,6 +35,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from usim import budget
 from usim.ops.base import Construction, check_size, register
 from usim.ops.pipeline import Pipeline, Product, matrix, stacked
 
@@ -232,6 +233,11 @@ class UniversalSimulator(Construction):
             if ffn_hidden is not None:
                 raise ValueError("ffn_hidden is for the (A, V) form; the factored form (head_dim) has none")
             cross = {"kv_len": kv_len or n, "kdim": kdim or d, "vdim": vdim or d}
+        tokens = budget.u_tokens(n, d, heads, head_dim, **(cross if head_dim is not None else {}))
+        if tokens > budget.MAX_TOKENS:  # before anything is built: positions are int32
+            raise ValueError(f"U for n={n}, d={d}, heads={heads}" + (f", head_dim={head_dim}" if head_dim else "")
+                             + f" would lay out {tokens:,} tokens, more than positions can number "
+                               f"({budget.MAX_TOKENS:,}): choose smaller sizes")
         built = "factored" if head_dim is not None else "av_ffn" if ffn_hidden is not None else "av"
         if form is not None and form != built:
             raise ValueError(f"form={form!r} but these sizes make the {built!r} form")
