@@ -60,6 +60,7 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
     with open(tmp_path / "cpu.csv") as f:
         assert len(list(csv.DictReader(f))) == len(data["rows"])
     assert "| 2 | U fast |" in (tmp_path / "cpu.md").read_text()
+    assert "not fitted (1 orders measured" in (tmp_path / "cpu.md").read_text()  # no exponent from one point
     assert data["meta"]["torch"]
 
 
@@ -70,3 +71,26 @@ def test_write_results_only_for_a_full_run(script, args):
     done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args, "--write-results"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "only a full run" in done.stderr, done.stderr
+
+
+def test_compare_mha_fits_no_exponent_to_two_points_and_flags_a_falling_torch_time(monkeypatch):
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        common = importlib.import_module("common")
+        for key, value in common.ALLOCATOR.items():  # as set: importing compare_mha does not restart the process
+            monkeypatch.setenv(key, value)
+        compare = importlib.import_module("compare_mha")
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [{"order": o, "method": m, "time_s": t} for o, m, t in
+            [(4, "U fast", 1.0), (8, "U fast", 2.0), (4, "direct", 0.09), (8, "direct", 0.05), (16, "direct", 0.2)]]
+    two = [r for r in rows if r["method"] == "U fast"]
+    meta = {"growth_exponent_U_fast": compare.growth(two, "U fast")}
+    assert meta["growth_exponent_U_fast"] is None
+    assert "not fitted (2 orders measured" in compare.growth_text(meta, two)
+    three = two + [{"order": 16, "method": "U fast", "time_s": 4.0}]
+    assert compare.growth(three, "U fast") == pytest.approx(1.0)
+    notes = compare.implausible(rows)
+    assert len(notes) == 1 and notes[0].startswith("direct at order 8") and "implausible" in notes[0]
