@@ -27,7 +27,8 @@ def git_status() -> str:
 
 def quick_runs(tmp_path) -> dict:
     runs = {"compare_mha": ["--device", "cpu", "--quick", "--orders", "2", "--out", str(tmp_path)],
-            "scale": ["--cases", "dropin-64x8-n16", "--repeats", "1", "--threads", "1"]}
+            "scale": ["--cases", "dropin-64x8-n16", "--repeats", "1", "--threads", "1"],
+            "universal": ["--quick"]}
     if importlib.util.find_spec("transformers") is not None:
         runs.update({"real_model": ["--tiny"], "hf_minilm": ["--tiny"]})
     if not torch.cuda.is_available():  # without CUDA, gpu.py says so and writes nothing
@@ -38,6 +39,9 @@ def quick_runs(tmp_path) -> dict:
 def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
     before = git_status()
     runs = quick_runs(tmp_path)
+    scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
+    needs_hf = {"real_model", "hf_minilm"} if importlib.util.find_spec("transformers") is None else set()
+    assert scripts - needs_hf - {"gpu"} <= set(runs), f"a benchmark without a quick run here: {scripts - set(runs)}"
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name, args in runs.items()}
     outputs = {name: p.communicate(timeout=600)[0] for name, p in procs.items()}
@@ -48,7 +52,7 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
             assert codes[name] == 1 and "needs a CUDA device" in outputs[name], outputs[name]
         else:
             assert codes[name] == 0, outputs[name][-3000:]
-    for name in set(runs) - {"compare_mha", "gpu"}:
+    for name in set(runs) - {"compare_mha", "gpu", "universal"}:
         assert "results go to" in outputs[name] and "benchmarks/results/local" in outputs[name], outputs[name]
     # compare_mha's files in --out
     data = json.loads((tmp_path / "cpu.json").read_text())

@@ -288,7 +288,7 @@ def _edits(path) -> dict:
         "(usim.module args do not fit the kind 'AttentionCore'|fresh AttentionCore.*usim.module args)": (None, {"usim.module": json.dumps({**module, "kind": "AttentionCore"})}),
         "fresh ReLU.*usim.(slots|layout)": (None, {"usim.module": json.dumps({"kind": "ReLU", "args": {"n": 3, "m": 3}})}),
         "unknown \\['extra'\\]": (None, {"usim.module": json.dumps({**module, "args": {**module["args"], "extra": 1}})}),
-        "missing \\['n'\\]": (None, {"usim.module": json.dumps({**module, "args": {k: v for k, v in module["args"].items() if k != "n"}})}),
+        "(missing \\['n'\\]|usim.module: .* cannot be built)": (None, {"usim.module": json.dumps({**module, "args": {k: v for k, v in module["args"].items() if k != "n"}})}),
         "usim.layout is": (None, {"usim.module": json.dumps({**module, "args": bigger})}),
         "usim.layout is Layout\\(q": (None, {"usim.layout": json.dumps(renamed)}),
         "usim.layout is .*:scratch": (None, {"usim.layout": json.dumps(role)}),

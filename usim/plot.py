@@ -72,7 +72,8 @@ U_STEPS = {
     "drop": "masked keys", "exp": "exp(S − max)", "full": "fully masked rows",
     "excess": "a masked key's excess over the maximum", "over": "the excess where masked",
     "add": "+ score bias (attn_mask)", "scale": "fetch the weight multiplier",
-    "pd": "× weight multiplier (dropout's mask / (1 − p), else 1)",
+    "pd": "× weight multiplier (dropout's mask / (1 − p), else 1)", "total": "row sum = count × mean",
+    "pre": "count × mean",
 }
 # Every label is read from the slots a layer of the encoder writes: a stage tag and a step each; a
 # step not named here is shown as its slot, never left out.
