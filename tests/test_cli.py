@@ -243,8 +243,8 @@ def test_show_reports_the_path_it_writes(tmp_path, capsys, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir").mkdir()
-    for out, written in (("adir", tmp_path / "adir" / "transpose.png"), ("noext", tmp_path / "noext.png"),
-                         ("pic.png", tmp_path / "pic.png")):
+    for out, written in (("adir", Path("adir", "transpose.png")), ("noext", Path("noext.png")),
+                         ("pic.png", Path("pic.png")), (str(tmp_path / "abs"), tmp_path / "abs.png")):
         assert main(["show", "transpose", "2", "--out", out, "--dpi", "20"]) == 0
         assert f"wrote {written} " in capsys.readouterr().out and written.read_bytes()[:8] == PNG_SIGNATURE
     assert main(["show", "transpose", "2", "--out", "nofolder/", "--dpi", "20"]) == 2

@@ -359,7 +359,7 @@ def test_cli_show_names_the_file_it_wrote(capfd, tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "adir").mkdir()
-    for out, written in (("adir", "adir.png"), ("noext", "noext.png"), ("t.png", "t.png")):
+    for out, written in (("adir", "adir/transpose.png"), ("noext", "noext.png"), ("t.png", "t.png")):
         status, text = _cli(capfd, "show", "transpose", "2", "--out", out)
         assert status == 0 and f"wrote {written} " in text and (tmp_path / written).is_file(), text
     usim.save(SimulatedMultiheadAttention(4, 2, seq_len=2), "drop_in.safetensors")

@@ -350,15 +350,15 @@ def show(args) -> None:
 
 def out_path(out: str | None, kind: str) -> Path:
     """The PNG file show writes, as it will be written: --out as given (".png" added to a name without
-    an extension, as matplotlib would), inside an existing folder as <kind>.png, resolved."""
+    an extension, as matplotlib would), inside an existing folder as <kind>.png."""
     if out is None:
-        return Path(f"{kind.lower()}.png").resolve()
+        return Path(f"{kind.lower()}.png")
     path = Path(out)
     if path.is_dir():
-        return (path / f"{kind.lower()}.png").resolve()
+        return path / f"{kind.lower()}.png"
     if out.endswith(("/", os.sep)):
         raise ValueError(f"--out {out}: no such folder")
-    return png_path(path).resolve()
+    return png_path(path)
 
 
 def show_checkpoint(args):
