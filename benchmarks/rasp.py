@@ -7,9 +7,9 @@ and Tracr's compiled layers, heads and residual width. Tracr's sizes come from r
 compiler passes (rasp_to_graph, basis_inference, expr_to_craft_graph, craft_graph_to_model: numpy and
 networkx, no JAX) up to its craft model; a layer is an attention block and an MLP block, as ours.
 
-    python benchmarks/rasp.py                 # prints the table
-    python benchmarks/rasp.py --save          # also writes benchmarks/results/rasp.{md,json}
-    python benchmarks/rasp.py --quick         # 5 and 10 tokens, fewer repeats (results: partial/)
+    python benchmarks/rasp.py                 # prints the table, writes benchmarks/results/local/rasp.{md,json}
+    python benchmarks/rasp.py --write-results # writes benchmarks/results/rasp.{md,json} (a full run only)
+    python benchmarks/rasp.py --quick         # 5 and 10 tokens, fewer repeats
 
 Needs the [tracr] extra (and networkx for Tracr's sizes).
 """
@@ -30,7 +30,7 @@ import types
 
 import torch
 
-from common import results_folder
+from common import add_results_options, results_folder
 
 import usim.rasp as ur
 
@@ -164,11 +164,11 @@ def main():
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     parser.add_argument("--quick", action="store_true", help="5 and 10 tokens, 5 repeats")
     parser.add_argument("--limit", type=int, default=300, help="seconds per program (ours, then Tracr's passes)")
-    parser.add_argument("--save", action="store_true", help="write rasp.{md,json} (benchmarks/results for a full run)")
-    parser.add_argument("--out", help="folder for --save (default: benchmarks/results, partial/ for a partial run)")
+    add_results_options(parser, "every program at 5, 10 and 64 tokens, not --quick")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths, repeats = ([5, 10], 5) if args.quick else (args.lengths, args.repeats)
+    folder_out = results_folder(args, not args.quick and not args.programs and sorted(lengths) == [5, 10, 64])
     rasp, lib, folder = tracr_modules()
     rows = []
     for n in lengths:
@@ -185,13 +185,10 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
     text = table(rows)
     print(text)
-    if args.save:
-        full = not args.quick and not args.programs and sorted(lengths) == [5, 10, 64]
-        folder_out = results_folder(args.out, full)
-        folder_out.mkdir(parents=True, exist_ok=True)
-        meta = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats}
-        (folder_out / "rasp.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-        (folder_out / "rasp.md").write_text(text + "\n")
+    folder_out.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "threads": args.threads, "repeats": repeats}
+    (folder_out / "rasp.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (folder_out / "rasp.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def quick_runs(tmp_path) -> dict:
             "universal": ["--quick"]}
     if importlib.util.find_spec("transformers") is not None:
         runs.update({"real_model": ["--tiny"], "hf_minilm": ["--tiny"]})
+    if importlib.util.find_spec("tracr") is not None:
+        runs["rasp"] = ["--quick", "--programs", "length", "--repeats", "1"]
     if not torch.cuda.is_available():  # without CUDA, gpu.py says so and writes nothing
         runs["gpu"] = []
     return runs
@@ -41,6 +43,7 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
     runs = quick_runs(tmp_path)
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
     needs_hf = {"real_model", "hf_minilm"} if importlib.util.find_spec("transformers") is None else set()
+    needs_hf |= {"rasp"} if importlib.util.find_spec("tracr") is None else set()  # the [tracr] extra
     assert scripts - needs_hf - {"gpu"} <= set(runs), f"a benchmark without a quick run here: {scripts - set(runs)}"
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name, args in runs.items()}
@@ -52,7 +55,7 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
             assert codes[name] == 1 and "needs a CUDA device" in outputs[name], outputs[name]
         else:
             assert codes[name] == 0, outputs[name][-3000:]
-    for name in set(runs) - {"compare_mha", "gpu", "universal"}:
+    for name in set(runs) - {"compare_mha", "gpu", "universal", "rasp"}:
         assert "results go to" in outputs[name] and "benchmarks/results/local" in outputs[name], outputs[name]
     # compare_mha's files in --out
     data = json.loads((tmp_path / "cpu.json").read_text())

@@ -100,7 +100,7 @@ def test_benchmark_script_runs(tmp_path):
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "rasp.py"
     done = subprocess.run([sys.executable, str(script), "--lengths", "5", "--programs", "hist", "reverse",
-                           "--repeats", "2", "--save", "--out", str(tmp_path)], capture_output=True, text=True,
+                           "--repeats", "2", "--out", str(tmp_path)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": str(script.parents[1])})
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "rasp.json").read_text())["rows"]
