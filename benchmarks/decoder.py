@@ -1,6 +1,6 @@
 """Benchmark: whole decoder layers in constructed encoders (usim.decoder), beside eager.
 
-    python benchmarks/decoder.py                  # the five tiny families + a GPT-2-sized model, printed
+    python benchmarks/decoder.py                  # the five tiny families + a GPT-2-sized model
     python benchmarks/decoder.py --quick          # the tiny families only, fewer tokens (seconds)
     python benchmarks/decoder.py --write-results  # also write benchmarks/results/decoder.{json,md}
 
@@ -14,7 +14,8 @@ Reported: the first forward (simulate_decoder_layers + the first call on the pro
 and planned), the time per generated token in ``generate()`` with the KV cache (warm: (time of
 1 + k new tokens - time of 1) / k), peak memory of the process, the logits' max error against the
 model in float64 (sdpa) beside eager float32's, and whether the greedy tokens equal eager's.
-Results are written only with --write-results (a --quick run to benchmarks/results/partial).
+Results go to benchmarks/results/local (not committed) unless --out DIR, or to benchmarks/results
+with --write-results (a full run only).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ on sys.path)
+from common import add_results_options, allocator_text, results_folder, use_allocator_settings  # noqa: E402 (benchmarks/ on sys.path)
 
 ALLOCATOR_SETTINGS = use_allocator_settings()  # before torch: see benchmarks/common.py
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,8 +104,7 @@ def table(rows: list) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny families only, 8-token prompts, 2 new tokens")
-    parser.add_argument("--write-results", action="store_true", help="write decoder.json and decoder.md")
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results, or partial/)")
+    add_results_options(parser, "not --quick")
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # one case, in a child process
     parser.add_argument("--prompt", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--new", type=int, default=None, help=argparse.SUPPRESS)
@@ -112,6 +112,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args.prompt, args.new)))
         return
+    folder = results_folder(args, not args.quick)
     cases = [(c, 8, 2) if args.quick else (c, 16, 8) for c in TINY] + ([] if args.quick else [(LARGE, 128, 4)])
     rows = []
     for case, prompt, new in cases:
@@ -123,11 +124,9 @@ def main() -> None:
              f"{torch.__version__}, float32, batch 1, {allocator_text(ALLOCATOR_SETTINGS)}")
     text = f"# The entire decoder: usim.decoder beside eager\n\n{stamp}\n\n{table(rows)}\n"
     print(text)
-    if args.write_results:
-        folder = results_folder(args.out, full=not args.quick)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "decoder.json").write_text(json.dumps({"stamp": stamp, "rows": rows}, indent=1) + "\n")
-        (folder / "decoder.md").write_text(text)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "decoder.json").write_text(json.dumps({"stamp": stamp, "rows": rows}, indent=1) + "\n")
+    (folder / "decoder.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def quick_runs(tmp_path) -> dict:
             "scale": ["--cases", "dropin-64x8-n16", "--repeats", "1", "--threads", "1"],
             "universal": ["--quick"]}
     if importlib.util.find_spec("transformers") is not None:
-        runs.update({"real_model": ["--tiny"], "hf_minilm": ["--tiny"]})
+        runs.update({"real_model": ["--tiny"], "hf_minilm": ["--tiny"], "decoder": ["--quick"]})
     if importlib.util.find_spec("tracr") is not None:
         runs["rasp"] = ["--quick", "--programs", "length", "--repeats", "1"]
     if not torch.cuda.is_available():  # without CUDA, gpu.py says so and writes nothing
@@ -42,7 +42,7 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
     before = git_status()
     runs = quick_runs(tmp_path)
     scripts = {p.stem for p in BENCH.glob("*.py")} - {"common"}
-    needs_hf = {"real_model", "hf_minilm"} if importlib.util.find_spec("transformers") is None else set()
+    needs_hf = {"real_model", "hf_minilm", "decoder"} if importlib.util.find_spec("transformers") is None else set()
     needs_hf |= {"rasp"} if importlib.util.find_spec("tracr") is None else set()  # the [tracr] extra
     assert scripts - needs_hf - {"gpu"} <= set(runs), f"a benchmark without a quick run here: {scripts - set(runs)}"
     procs = {name: subprocess.Popen([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT, text=True,
@@ -72,7 +72,8 @@ def test_quick_runs_leave_the_checkout_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("script,args", [("compare_mha", ["--quick"]), ("scale", ["--cases", "u-n32-d8"]),
-                                         ("real_model", ["--tiny"]), ("hf_minilm", ["--tiny"])])
+                                         ("real_model", ["--tiny"]), ("hf_minilm", ["--tiny"]),
+                                         ("decoder", ["--quick"])])
 def test_write_results_only_for_a_full_run(script, args):
     """--write-results on a quick, tiny or partial run is refused before anything runs."""
     done = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), *args, "--write-results"], cwd=ROOT,
