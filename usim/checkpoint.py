@@ -568,9 +568,11 @@ def _check_signature(parsed: dict, path: str) -> None:
     from usim.ops.base import REGISTRY
 
     kind, args = parsed["kind"], parsed["args"]
-    params = {k: p for k, p in inspect.signature(REGISTRY[kind].__init__).parameters.items()
+    signature = inspect.signature(REGISTRY[kind].__init__).parameters
+    params = {k: p for k, p in signature.items()
               if k not in ("self", "execution") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    unknown = sorted(set(args) - set(params))
+    keywords = any(p.kind == p.VAR_KEYWORD for p in signature.values())  # **form: the constructor checks them
+    unknown = [] if keywords else sorted(set(args) - set(params))
     missing = sorted(k for k, p in params.items() if p.default is p.empty and k not in args)
     if unknown or missing:
         raise ValueError(f"{path}: usim.module args do not fit the kind {kind!r} ({', '.join(params)}): "
