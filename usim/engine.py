@@ -254,7 +254,28 @@ def _add_columns(x: torch.Tensor, delta: torch.Tensor, columns: torch.Tensor) ->
     return x.index_add_(-1, columns, delta)
 
 
-class Frame:
+class PositionalTable:
+    """The positional table of an object holding ``positions`` (a Frame, an Encoder), made per token
+    on demand and kept."""
+
+    @property
+    def positional(self) -> torch.Tensor:
+        """(P, L) the positional table, a row per positional slot (materialised on demand, kept)."""
+        return self._table()[0]
+
+    @property
+    def positional_slots(self) -> torch.Tensor:
+        """(P,) the slot of each row of ``positional``."""
+        return self._table()[1]
+
+    def _table(self):
+        if "_table_cache" not in self.__dict__:
+            with torch.inference_mode(False):  # an ordinary tensor: autograd may use it later
+                self.__dict__["_table_cache"] = self.positions.table()
+        return self.__dict__["_table_cache"]
+
+
+class Frame(PositionalTable):
     """The per-size facts of one token sequence, apart from the weights: the positional features in
     closed form (``usim.positions.Positions``) and the slot read in each block. An encoder's weights
     are the same for every size of its form; a frame says where each block lies and what is read out.
@@ -280,26 +301,13 @@ class Frame:
             self.__dict__["_readout"] = self.readout_blocks.repeat_interleave(sizes)
         return self.__dict__["_readout"]
 
-    @property
-    def positional(self) -> torch.Tensor:
-        return self._table()[0]
-
-    @property
-    def positional_slots(self) -> torch.Tensor:
-        return self._table()[1]
-
-    def _table(self):
-        if "_table_cache" not in self.__dict__:
-            with torch.inference_mode(False):
-                self.__dict__["_table_cache"] = self.positions.table()
-        return self.__dict__["_table_cache"]
 
 
 # Frames whose plans and programs an encoder keeps at once (the oldest is dropped first).
 FRAMES_CACHED = 256
 
 
-class Encoder(nn.Module):
+class Encoder(PositionalTable, nn.Module):
     """The generic encoder: embeds a (B, L) token sequence, runs the layers, reads one slot per position.
 
     Embedding: token value times the ``value`` slot direction, plus the positional table (L, W)
@@ -372,21 +380,6 @@ class Encoder(nn.Module):
             del self.readout_blocks
             self.register_buffer("readout_tokens", tokens)
 
-    @property
-    def positional(self) -> torch.Tensor:
-        """(P, L) the positional table, a row per positional slot (materialised on demand, kept)."""
-        return self._table()[0]
-
-    @property
-    def positional_slots(self) -> torch.Tensor:
-        """(P,) the slot of each row of ``positional``."""
-        return self._table()[1]
-
-    def _table(self):
-        if "_table_cache" not in self.__dict__:
-            with torch.inference_mode(False):  # an ordinary tensor: autograd may use it later
-                self.__dict__["_table_cache"] = self.positions.table()
-        return self.__dict__["_table_cache"]
 
     @property
     def pos_table(self) -> torch.Tensor:
