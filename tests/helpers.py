@@ -151,3 +151,14 @@ def left_padded(batch: int = 2, length: int = 7, pad: int = 3, seed: int = 0):
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[-1, :pad] = 0
     return ids, mask
+
+
+def factored_masked_inputs(batch: int, n: int, m: int, d: int, heads: int, r: int):
+    """float64 inputs of a factored U's cross-attention with a random attn_mask (key 0 always kept):
+    (x (batch, n, d), [wq, wk, wv (heads, d, r), wo (heads, r, d)], keywords for ``U.attention``)."""
+    x, kv = torch.randn(batch, n, d, dtype=torch.float64), torch.randn(batch, m, d, dtype=torch.float64)
+    w = [torch.randn(heads, d, r, dtype=torch.float64) for _ in range(3)] + \
+        [torch.randn(heads, r, d, dtype=torch.float64)]
+    mask = torch.rand(heads, n, m) < 0.3
+    mask[..., 0] = False
+    return x, w, dict(key=kv, value=kv, attn_mask=mask, bo=torch.randn(d, dtype=torch.float64))

@@ -16,6 +16,8 @@ import usim.fused
 from usim.fused import FusedProgram, contract
 from usim.mha import SimulatedMultiheadAttention
 
+from helpers import factored_masked_inputs
+
 
 @pytest.fixture
 def seed(request):
@@ -76,11 +78,7 @@ def test_u_fused_equals_dense(seed, heads):
 
 def test_factored_u_with_masks_equals_dense(seed):
     u = usim.UniversalSimulator(3, 4, heads=2, head_dim=2, kv_len=4)
-    x, kv = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
-    w = [torch.randn(2, 4, 2, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 2, 4, dtype=torch.float64)]
-    mask = torch.rand(2, 3, 4) < 0.3
-    mask[..., 0] = False
-    kwargs = dict(key=kv, value=kv, attn_mask=mask, bo=torch.randn(4, dtype=torch.float64))
+    x, w, kwargs = factored_masked_inputs(2, 3, 4, 4, 2, 2)
     u.execution = "dense"
     dense = u.attention(x, *w, **kwargs)
     u.execution = "fused"

@@ -11,6 +11,8 @@ from usim.average import dense_ordered_sum, ordered_sum, tree_sum
 from usim.positions import Piece, Positions
 from usim.structured import Program as StructuredProgram, compile_structured
 
+from helpers import factored_masked_inputs
+
 DTYPES = [torch.float32, torch.float64]
 
 
@@ -46,11 +48,7 @@ def test_u_runs_structured_and_equals_dense(seed, dtype):
 
 def test_factored_u_with_masks_equals_dense(seed):
     u = usim.UniversalSimulator(4, 6, heads=2, head_dim=3, kv_len=5)
-    x, kv = torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 5, 6, dtype=torch.float64)
-    w = [torch.randn(2, 6, 3, dtype=torch.float64) for _ in range(3)] + [torch.randn(2, 3, 6, dtype=torch.float64)]
-    mask = torch.rand(2, 4, 5) < 0.3
-    mask[..., 0] = False
-    kwargs = dict(key=kv, value=kv, attn_mask=mask, bo=torch.randn(6, dtype=torch.float64))
+    x, w, kwargs = factored_masked_inputs(3, 4, 5, 6, 2, 3)
     u.execution = "fast"
     fast = u.attention(x, *w, **kwargs)
     u.execution = "dense"
